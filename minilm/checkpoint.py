@@ -1,0 +1,156 @@
+"""Checkpoints: one folder, safe to kill at any moment, exact to resume.
+
+    checkpoint/
+      model.safetensors      parameters, named by their tree paths (blocks.0.attn.q.w)
+      optimizer.safetensors  optimizer state (moments, step count), likewise named
+      config.json            model, training and data configs
+      tokenizer.json         the vocabulary
+      state.json             step, data cursor, PRNG keys, and the SHA-256 of both array files
+
+Arrays go in safetensors (a header plus raw bytes: no code runs on load, unlike pickle), everything
+else in JSON. A save writes a complete new folder beside the old one and then swaps the two with
+renames, so a kill at any moment leaves a whole checkpoint behind: the old one (possibly still named
+`checkpoint.old`, which `load` falls back to) or the new one. The digests in state.json catch a file
+that was truncated or altered after the save.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from minilm.config import DataConfig, ModelConfig, TrainConfig, from_dict, to_dict
+from minilm.errors import MinilmError
+from minilm.model import param_shapes
+from minilm.tokenizer import Tokenizer
+from minilm.tree import fill, named_leaves
+
+ARRAY_FILES = ("model.safetensors", "optimizer.safetensors")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig
+    data_cfg: DataConfig
+    tokenizer: Tokenizer
+    params: dict             # the full parameter tree, as jax arrays
+    optimizer: dict          # {name: array} as saved; `restore_optimizer` shapes it into a state
+    state: dict              # step, data_cursor, data_key, eval_key (as lists of uint32)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
+
+
+def _fsync_tree(folder: Path) -> None:
+    for f in folder.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def key_to_json(key: jax.Array) -> list[int]:
+    return np.asarray(jax.random.key_data(key)).tolist()
+
+
+def key_from_json(data) -> jax.Array:
+    return jax.random.wrap_key_data(np.asarray(data, dtype=np.uint32))
+
+
+def save(path: Path, *, params, opt_state, model_cfg: ModelConfig, train_cfg: TrainConfig,
+         data_cfg: DataConfig, tokenizer: Tokenizer, state: dict) -> None:
+    """Write the checkpoint folder `path` atomically (see the module docstring)."""
+    path = Path(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)  # left over from a save that was killed
+    tmp.mkdir(parents=True)
+    save_file({k: np.asarray(v) for k, v in named_leaves(params).items()}, tmp / "model.safetensors")
+    save_file({k: np.asarray(v) for k, v in named_leaves(opt_state).items()}, tmp / "optimizer.safetensors")
+    _write_json(tmp / "config.json", {"model": to_dict(model_cfg), "train": to_dict(train_cfg),
+                                      "data": to_dict(data_cfg)})
+    tokenizer.save(tmp / "tokenizer.json")
+    _write_json(tmp / "state.json", {**state, "sha256": {f: _sha256(tmp / f) for f in ARRAY_FILES}})
+    _fsync_tree(tmp)
+    if path.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        path.rename(old)     # from here until the next rename, `old` is the whole checkpoint
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve(path: Path) -> Path:
+    """A run folder (holding checkpoint/) or a checkpoint folder -> the checkpoint folder to read."""
+    path = Path(path)
+    if (path / "checkpoint").is_dir() or (path / "checkpoint.old").is_dir():
+        path = path / "checkpoint"
+    if not path.is_dir():
+        old = path.with_name(path.name + ".old")
+        if old.is_dir():
+            return old  # a save was killed between its two renames
+        raise MinilmError(f"checkpoint folder {str(path)!r} does not exist; give a folder written by "
+                          f"`minilm train --out DIR` (DIR or DIR/checkpoint)")
+    return path
+
+
+def _read_json(path: Path, what: str):
+    if not path.is_file():
+        raise MinilmError(f"{path} is missing: the checkpoint is incomplete ({what})")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MinilmError(f"{path} is not valid JSON ({e}); the checkpoint is damaged") from None
+
+
+def _read_arrays(path: Path, digest: str | None) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise MinilmError(f"{path} is missing: the checkpoint is incomplete")
+    if digest is not None and _sha256(path) != digest:
+        raise MinilmError(f"{path} does not match the SHA-256 recorded in state.json: the file was "
+                          f"truncated or altered after it was saved; use another checkpoint")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise MinilmError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+def load(path: Path) -> Checkpoint:
+    """Read and check a checkpoint: digests, configs, and every tensor's name and shape."""
+    path = resolve(path)
+    config = _read_json(path / "config.json", "configs")
+    state = _read_json(path / "state.json", "training state")
+    if not isinstance(config, dict) or not isinstance(state, dict):
+        raise MinilmError(f"{path}: config.json and state.json must each hold a JSON object")
+    model_cfg = from_dict(ModelConfig, config.get("model"), f"{path}/config.json [model]")
+    train_cfg = from_dict(TrainConfig, config.get("train"), f"{path}/config.json [train]")
+    data_cfg = from_dict(DataConfig, config.get("data"), f"{path}/config.json [data]")
+    tokenizer = Tokenizer.from_json(_read_json(path / "tokenizer.json", "vocabulary"))
+    if tokenizer.size != model_cfg.vocab_size:
+        raise MinilmError(f"{path}: tokenizer.json has {tokenizer.size} tokens but the model config says "
+                          f"vocab_size = {model_cfg.vocab_size}")
+    digests = state.pop("sha256", {})
+    arrays = _read_arrays(path / "model.safetensors", digests.get("model.safetensors"))
+    params = fill(param_shapes(model_cfg), arrays, f"{path}/model.safetensors")
+    params = jax.tree.map(jax.numpy.asarray, params)
+    optimizer = _read_arrays(path / "optimizer.safetensors", digests.get("optimizer.safetensors"))
+    return Checkpoint(path, model_cfg, train_cfg, data_cfg, tokenizer, params, optimizer, state)
+
+
+def restore_optimizer(ckpt: Checkpoint, template):
+    """Shape the saved optimizer arrays like `template` (the optimizer's init on the trainable params)."""
+    state = fill(template, ckpt.optimizer, f"{ckpt.path}/optimizer.safetensors")
+    return jax.tree.map(lambda t, x: jax.numpy.asarray(x, dtype=t.dtype), template, state)

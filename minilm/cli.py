@@ -1,0 +1,236 @@
+"""The `minilm` command: the one place that wires config, data, model, training and files together.
+
+Flags are generated from the config dataclasses (config.py): each field is one flag, its help the
+field's `help`, so there is a single list of options. A flag left out keeps the preset's value (or,
+on --resume, the checkpoint's). Bad input ends in one line on stderr and exit status 2, never a
+traceback; an interrupted training run saves its checkpoint first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+import typing
+from pathlib import Path
+
+from minilm.config import PRESETS, DataConfig, ModelConfig, SampleConfig, TrainConfig, preset
+from minilm.errors import MinilmError
+
+# ---------------------------------------------------------------- flags from dataclasses
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _cli_fields(cls):
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls, title: str, default_note=None) -> None:
+    """One flag per field of `cls`, defaulting to None (= not given), so given flags can be told apart."""
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    for f in _cli_fields(cls):
+        kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+        note = default_note(f) if default_note else f"default: {f.default}"
+        if kind is bool:
+            group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None,
+                               help=f"{f.metadata['help']} ({note})")
+        else:
+            group.add_argument(_flag(f.name), type=kind, default=None, metavar=kind.__name__.upper(),
+                               help=f"{f.metadata['help']} ({note})")
+
+
+def given(args: argparse.Namespace, cls) -> dict:
+    """The fields of `cls` whose flags were given on the command line."""
+    return {f.name: getattr(args, f.name) for f in _cli_fields(cls) if getattr(args, f.name) is not None}
+
+
+def _preset_note(index: int):
+    def note(f):
+        return ", ".join(f"{name}: {getattr(cfgs[index], f.name)}" for name, cfgs in PRESETS.items())
+    return note
+
+
+def _check_unchanged(saved, requested: dict, what: str) -> None:
+    changed = {k: (getattr(saved, k), v) for k, v in requested.items() if getattr(saved, k) != v}
+    if changed:
+        listing = "; ".join(f"{_flag(k)} {new} (checkpoint: {old})" for k, (old, new) in changed.items())
+        raise MinilmError(f"cannot --resume with a changed {what}: {listing}. Drop these flags to resume "
+                          f"as saved, or start a new run in another --out folder")
+
+
+# ---------------------------------------------------------------- train
+
+
+def cmd_train(args) -> int:
+    import jax
+    from tqdm import tqdm
+
+    from minilm import checkpoint, train
+    from minilm.data import check_fits, load_dataset
+    from minilm.model import init
+    from minilm.tree import combine, partition, size
+
+    model_over, train_over, data_over = given(args, ModelConfig), given(args, TrainConfig), given(args, DataConfig)
+    if args.resume and args.overwrite:
+        raise MinilmError("--resume and --overwrite contradict each other; pass one of them")
+    default_name = data_over.get("corpus") or Path(data_over.get("text") or "text").stem
+    out = Path(args.out or f"runs/{args.preset}-{default_name}")
+    if args.resume:
+        ckpt = checkpoint.load(out)
+        _check_unchanged(ckpt.model_cfg, model_over, "model config")
+        _check_unchanged(ckpt.data_cfg, data_over, "data config")
+        _check_unchanged(ckpt.train_cfg, {k: v for k, v in train_over.items() if k == "seed"}, "seed")
+        model_cfg, data_cfg = ckpt.model_cfg, ckpt.data_cfg
+        train_cfg = dataclasses.replace(ckpt.train_cfg, **train_over)
+        data = load_dataset(data_cfg, seed=train_cfg.seed, tokenizer=ckpt.tokenizer)
+        trainable, frozen = partition(ckpt.params, lambda name: True)
+        opt_state = checkpoint.restore_optimizer(ckpt, train.optimizer(train_cfg).init(trainable))
+        s = ckpt.state
+        state = train.TrainState(trainable, frozen, opt_state, s["step"], s["data_cursor"],
+                                 checkpoint.key_from_json(s["data_key"]), checkpoint.key_from_json(s["eval_key"]))
+    else:
+        if (out / "checkpoint").exists() and not args.overwrite:
+            raise MinilmError(f"{out} already holds a training run; pass --resume to continue it, "
+                              f"--overwrite to replace it, or choose another --out")
+        base_model, base_train = preset(args.preset)
+        train_cfg = dataclasses.replace(base_train, **train_over)
+        data_cfg = DataConfig(**data_over)
+        data = load_dataset(data_cfg, seed=train_cfg.seed)
+        model_cfg = dataclasses.replace(base_model, **model_over, vocab_size=data.tokenizer.size)
+        init_key, train_key = jax.random.split(jax.random.key(train_cfg.seed))
+        trainable, frozen = partition(init(model_cfg, key=init_key), lambda name: True)
+        state = train.start(trainable, frozen, train_cfg, key=train_key)
+    check_fits(data, model_cfg.context, data_cfg.text or f"corpus {data_cfg.corpus!r}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    kept = []
+    if args.resume and metrics_path.exists():  # drop lines logged after the checkpoint we resume from
+        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= state.step]
+    metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    def save(state):
+        checkpoint.save(out / "checkpoint", params=combine(state.trainable, state.frozen),
+                        opt_state=state.opt_state, model_cfg=model_cfg, train_cfg=train_cfg, data_cfg=data_cfg,
+                        tokenizer=data.tokenizer,
+                        state={"step": state.step, "data_cursor": state.data_cursor,
+                               "data_key": checkpoint.key_to_json(state.data_key),
+                               "eval_key": checkpoint.key_to_json(state.eval_key)})
+
+    tokens_per_step = train_cfg.grad_accum * train_cfg.batch_size * model_cfg.context
+    print(f"training a {size(state.trainable):,}-parameter model on {len(data.train):,} tokens "
+          f"(vocabulary {data.tokenizer.size}) -> {out}", file=sys.stderr)
+    bar = tqdm(total=train_cfg.steps, initial=state.step, unit="step", desc="train", dynamic_ncols=True)
+    first_step, clock, eval_loss = state.step, None, float("nan")
+    try:
+        with metrics_path.open("a") as log:
+            for state, metrics in train.run(state, data, model_cfg, train_cfg):
+                if clock is None:  # the first step includes compilation: time from after it
+                    clock = time.perf_counter()
+                elif state.step > first_step + 1:
+                    metrics["tokens_per_s"] = tokens_per_step * (state.step - first_step - 1) / (
+                        time.perf_counter() - clock)
+                eval_loss = metrics.get("eval_loss", eval_loss)
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", eval=f"{eval_loss:.3f}",
+                                tok_s=f"{metrics.get('tokens_per_s', 0):,.0f}")
+                bar.update(1)
+                if state.step % train_cfg.checkpoint_every == 0 or state.step == train_cfg.steps:
+                    save(state)
+    except KeyboardInterrupt:
+        bar.close()
+        save(state)
+        print(f"\ninterrupted: saved step {state.step} to {out}/checkpoint; continue with "
+              f"`minilm train --out {out} --resume`", file=sys.stderr)
+        return 130
+    bar.close()
+    print(f"done: step {state.step}, eval loss {eval_loss:.4f}\n"
+          f"  checkpoint  {out / 'checkpoint'}\n  metrics     {metrics_path}\n"
+          f"  sample with minilm sample {out} --prompt '...'")
+    return 0
+
+
+# ---------------------------------------------------------------- sample
+
+
+def cmd_sample(args) -> int:
+    import jax
+    import numpy as np
+
+    from minilm import checkpoint
+    from minilm.generate import generate
+
+    ckpt = checkpoint.load(args.checkpoint)
+    cfg = SampleConfig(**given(args, SampleConfig))
+    prompt = args.prompt if args.prompt is not None else "\n"
+    ids = ckpt.tokenizer.encode(prompt)
+    batch = np.tile(ids, (cfg.num_samples, 1))  # (num_samples, P)
+    started = time.perf_counter()
+    tokens = generate(ckpt.params, batch, ckpt.model_cfg, key=jax.random.key(cfg.seed),
+                      max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                      top_p=cfg.top_p, use_cache=cfg.kv_cache)
+    tokens = np.asarray(tokens)
+    elapsed = time.perf_counter() - started
+    for i, row in enumerate(tokens):
+        if i:
+            print("-" * 40)
+        print(ckpt.tokenizer.decode(row))
+    print(f"[{cfg.num_samples} x {cfg.max_new_tokens} tokens in {elapsed:.2f} s, compile included; "
+          f"kv cache {'on' if cfg.kv_cache else 'off'}]", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------- the parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="minilm",
+        description="A textbook GPT in JAX: train it on toy corpora, sample from it, and see what "
+                    "fine-tuning changes.")
+    commands = parser.add_subparsers(title="commands", dest="command", required=True)
+
+    p = commands.add_parser("train", help="train a model from scratch (or --resume one)",
+                            description="Train a GPT on a built-in corpus (--corpus) or a text file (--text). "
+                                        "Writes OUT/checkpoint/ and OUT/metrics.jsonl.")
+    p.add_argument("--preset", choices=list(PRESETS), default="tiny",
+                   help="model and training sizes to start from; other flags override them (default: tiny)")
+    p.add_argument("--out", metavar="DIR", help="run folder (default: runs/PRESET-CORPUS)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run saved in --out, bit-identically; --steps may extend it")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already saved in --out")
+    add_config_flags(p, ModelConfig, "model (defaults from --preset)", _preset_note(0))
+    add_config_flags(p, TrainConfig, "training (defaults from --preset)", _preset_note(1))
+    add_config_flags(p, DataConfig, "data")
+    p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser("sample", help="generate text from a checkpoint",
+                            description="Continue a prompt with a trained model, using a key/value cache.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a run folder (from train --out) or its checkpoint/")
+    p.add_argument("--prompt", help="text to continue, in the model's vocabulary (default: a newline)")
+    add_config_flags(p, SampleConfig, "sampling")
+    p.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MinilmError as e:
+        print(f"minilm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

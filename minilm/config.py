@@ -1,0 +1,167 @@
+"""Configuration: what the model is (ModelConfig), how it trains (TrainConfig), on what (DataConfig),
+and how it samples (SampleConfig).
+
+Each is a frozen, keyword-only dataclass, validated when it is created, so a bad value fails at once
+with a message that says how to fix it, not deep inside JAX. Changes go through
+`dataclasses.replace`. Each field's `help` is the single source of the CLI's flags and help text
+(see cli.py): a new field is a new flag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from minilm.errors import MinilmError
+
+
+def option(default, help: str, **metadata):
+    """A dataclass field with the help text the CLI shows for its flag."""
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+def _check_positive(cfg, *names):
+    for name in names:
+        value = getattr(cfg, name)
+        if value <= 0:
+            flag = "--" + name.replace("_", "-")
+            raise MinilmError(f"{name} = {value} must be positive; pass a value > 0 with {flag}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """A GPT-2 style decoder: sizes only. The vocabulary size comes from the tokenizer."""
+
+    vocab_size: int = option(0, "number of tokens; set from the tokenizer", cli=False)
+    context: int = option(64, "context length T: the most tokens the model sees at once")
+    width: int = option(64, "model width D: the size of every token vector in the residual stream")
+    layers: int = option(2, "number of transformer blocks L")
+    heads: int = option(4, "attention heads H per block; width must be divisible by heads")
+    mlp_ratio: int = option(4, "MLP hidden width F as a multiple of the model width")
+
+    def __post_init__(self):
+        _check_positive(self, "context", "width", "layers", "heads", "mlp_ratio")
+        if self.vocab_size < 0:
+            raise MinilmError(f"vocab_size = {self.vocab_size} must be positive")
+        if self.width % self.heads:
+            raise MinilmError(
+                f"width = {self.width} is not divisible by heads = {self.heads}; choose a width that is "
+                f"a multiple of the head count, e.g. --width {self.heads * max(1, round(self.width / self.heads))}"
+            )
+
+    @property
+    def head_size(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def mlp_width(self) -> int:
+        return self.mlp_ratio * self.width
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """AdamW with warmup + cosine decay, gradient clipping and accumulation."""
+
+    steps: int = option(600, "optimizer steps to train for (in total, counting resumed ones)")
+    batch_size: int = option(32, "sequences per micro-batch")
+    grad_accum: int = option(1, "micro-batches accumulated into one optimizer step")
+    lr: float = option(3e-3, "peak learning rate, reached after warmup")
+    min_lr: float = option(3e-4, "learning rate at the end of the cosine decay")
+    warmup: float = option(0.1, "fraction of the steps spent warming the learning rate up from 0 to lr")
+    weight_decay: float = option(0.1, "AdamW weight decay, applied to matrices only")
+    beta1: float = option(0.9, "AdamW first-moment decay")
+    beta2: float = option(0.99, "AdamW second-moment decay")
+    grad_clip: float = option(1.0, "clip gradients to this global norm (0 disables)")
+    eval_every: int = option(100, "evaluate on held-out text every this many steps")
+    eval_batches: int = option(8, "batches in each evaluation")
+    checkpoint_every: int = option(200, "save a checkpoint every this many steps (and at the end)")
+    seed: int = option(0, "seed for initialisation, batches and the generated corpus")
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(self.warmup * self.steps)
+
+    def __post_init__(self):
+        _check_positive(self, "steps", "batch_size", "grad_accum", "lr", "eval_every", "eval_batches",
+                        "checkpoint_every")
+        if not 0 <= self.min_lr <= self.lr:
+            raise MinilmError(f"min_lr = {self.min_lr} must lie in [0, lr = {self.lr}]")
+        if not 0 <= self.warmup < 1:
+            raise MinilmError(f"warmup = {self.warmup} must lie in [0, 1): it is a fraction of the steps")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise MinilmError("weight_decay and grad_clip must be >= 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise MinilmError(f"beta1 = {self.beta1} and beta2 = {self.beta2} must lie in [0, 1)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where the training text comes from: a built-in corpus or a text file of your own."""
+
+    corpus: str | None = option(None, "built-in corpus: associations, bindings, induction, grammar, arithmetic")
+    text: str | None = option(None, "train on this UTF-8 text file instead of a built-in corpus")
+    tokenizer: str = option("auto", "char | word | auto (the corpus's own; char for --text)")
+    corpus_size: int | None = option(None, "sentences/lines to generate for a built-in corpus (default: its own)")
+    val_fraction: float = option(0.1, "fraction of the text held out for evaluation")
+
+    def __post_init__(self):
+        if self.tokenizer not in ("auto", "char", "word"):
+            raise MinilmError(f"tokenizer = {self.tokenizer!r}; expected auto, char or word")
+        if not 0 < self.val_fraction < 0.5:
+            raise MinilmError(f"val_fraction = {self.val_fraction} must lie in (0, 0.5)")
+        if self.corpus_size is not None and self.corpus_size <= 0:
+            raise MinilmError(f"corpus_size = {self.corpus_size} must be positive")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleConfig:
+    """How to pick each next token. temperature 0 is greedy (argmax)."""
+
+    max_new_tokens: int = option(60, "tokens to generate after the prompt")
+    temperature: float = option(0.8, "divide logits by this before sampling; 0 means greedy")
+    top_k: int = option(0, "sample only among the k most likely tokens (0: all)")
+    top_p: float = option(1.0, "sample only among the smallest set of tokens whose probability reaches p")
+    num_samples: int = option(1, "independent samples to draw for the prompt")
+    seed: int = option(0, "seed for sampling")
+    kv_cache: bool = option(True, "reuse earlier positions' keys and values instead of recomputing them")
+
+    def __post_init__(self):
+        _check_positive(self, "max_new_tokens", "num_samples")
+        if self.temperature < 0 or self.top_k < 0:
+            raise MinilmError("temperature and top_k must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise MinilmError(f"top_p = {self.top_p} must lie in (0, 1]")
+
+
+PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
+    # Learns the built-in corpora in well under a minute on two CPU cores.
+    "tiny": (ModelConfig(context=64, width=64, layers=2, heads=4),
+             TrainConfig(steps=600, batch_size=32, lr=3e-3, min_lr=3e-4)),
+    # About nanoGPT's shakespeare-char "baby GPT": 6 layers, 6 heads, width 384, context 256.
+    "small": (ModelConfig(context=256, width=384, layers=6, heads=6),
+              TrainConfig(steps=2000, batch_size=8, grad_accum=1, lr=1e-3, min_lr=1e-4,
+                          warmup=0.05, eval_every=250, checkpoint_every=500)),
+}
+
+
+def preset(name: str) -> tuple[ModelConfig, TrainConfig]:
+    if name not in PRESETS:
+        raise MinilmError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def to_dict(cfg) -> dict:
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+
+
+def from_dict(cls, data: dict, what: str):
+    """Rebuild a config from JSON, with a clear error for unknown or missing keys."""
+    if not isinstance(data, dict):
+        raise MinilmError(f"{what}: expected a JSON object, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise MinilmError(f"{what}: unknown field(s) {unknown}; expected only {sorted(known)}")
+    try:
+        return cls(**data)
+    except TypeError as e:
+        raise MinilmError(f"{what}: {e}") from None

@@ -1,0 +1,135 @@
+"""Training: the loss, one jit-compiled optimizer step, evaluation, and the loop.
+
+The step takes the parameters in two halves, `(trainable, frozen)` (see tree.py), and differentiates
+the loss with respect to `trainable` only. Full training: everything trainable, `frozen` empty.
+Fine-tuning a subset (LoRA: only the adapters): the rest frozen. Two things follow, and both matter:
+
+* gradients and optimizer state exist only for trainable leaves: nothing to store for the rest;
+* XLA never computes dL/dW for a frozen W: the gradient is not asked for, so its matmul is not in
+  the compiled program. (Freezing with `optax.masked` instead would still compute every gradient.)
+
+Optimizer: AdamW (Loshchilov & Hutter 2019) with weight decay on matrices only (not on biases or
+LayerNorm parameters, as in GPT-2 / nanoGPT), a linear warmup then cosine decay of the learning rate,
+clipping of the global gradient norm, and accumulation of several micro-batches into one step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from minilm import data as data_lib
+from minilm.config import ModelConfig, TrainConfig
+from minilm.model import forward
+from minilm.tree import combine
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean negative log-likelihood of `targets` (B, T) under `logits` (B, T, V), in nats per token."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+def loss_fn(trainable, frozen, windows: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """windows (B, T + 1): read tokens 0..T-1, predict tokens 1..T."""
+    logits = forward(combine(trainable, frozen), windows[:, :-1], cfg)
+    return cross_entropy(logits, windows[:, 1:])
+
+
+def schedule(cfg: TrainConfig) -> optax.Schedule:
+    """0 -> lr linearly over warmup_steps, then cosine down to min_lr at `steps`."""
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr)
+
+
+def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # matrices only
+    adamw = optax.adamw(schedule(cfg), b1=cfg.beta1, b2=cfg.beta2, weight_decay=cfg.weight_decay,
+                        mask=decay_mask)
+    clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity()
+    return optax.chain(clip, adamw)
+
+
+def make_step(model_cfg: ModelConfig, opt: optax.GradientTransformation, loss=loss_fn):
+    """The jit-compiled step: (trainable, frozen, opt_state, windows (A, B, T + 1)) ->
+    (trainable, opt_state, metrics). The A micro-batches' gradients are averaged, then one update.
+
+    `loss(trainable, frozen, windows, cfg)` can be replaced, e.g. to add LoRA dropout; the default is
+    the language-model loss.
+    """
+    grad_fn = jax.value_and_grad(loss)  # d/d(trainable) only: argument 0
+
+    def step(trainable, frozen, opt_state, windows):
+        if windows.shape[0] == 1:
+            loss_value, grads = grad_fn(trainable, frozen, windows[0], model_cfg)
+        else:
+            def accumulate(total, micro_batch):
+                value, g = grad_fn(trainable, frozen, micro_batch, model_cfg)
+                return jax.tree.map(jnp.add, total, g), value
+
+            zeros = jax.tree.map(jnp.zeros_like, trainable)
+            grads, losses = jax.lax.scan(accumulate, zeros, windows)
+            grads = jax.tree.map(lambda g: g / windows.shape[0], grads)
+            loss_value = losses.mean()
+        updates, opt_state = opt.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        return trainable, opt_state, {"loss": loss_value, "grad_norm": optax.global_norm(grads)}
+
+    return jax.jit(step)
+
+
+def make_eval(model_cfg: ModelConfig):
+    """jit-compiled mean loss over windows (N, B, T + 1)."""
+    def evaluate(params, windows):
+        return jax.lax.map(lambda w: cross_entropy(forward(params, w[:, :-1], model_cfg), w[:, 1:]),
+                           windows).mean()
+
+    return jax.jit(evaluate)
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """Everything that changes during training; with the configs, everything a resume needs."""
+
+    trainable: dict
+    frozen: dict
+    opt_state: optax.OptState
+    step: int          # optimizer steps taken
+    data_cursor: int   # micro-batches drawn so far (see data.py)
+    data_key: jax.Array
+    eval_key: jax.Array
+
+
+def start(trainable, frozen, train_cfg: TrainConfig, *, key: jax.Array) -> TrainState:
+    """Step 0: fresh optimizer state for `trainable`, and the data and eval streams from `key`."""
+    data_key, eval_key = jax.random.split(key)
+    return TrainState(trainable, frozen, optimizer(train_cfg).init(trainable), 0, 0, data_key, eval_key)
+
+
+def run(state: TrainState, data: data_lib.Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig,
+        loss=loss_fn) -> Iterator[tuple[TrainState, dict]]:
+    """Train from `state` to `train_cfg.steps`, yielding (state, metrics) after every step.
+
+    Metrics: step, loss (this step's training loss), lr, and eval_loss on the held-out text every
+    `eval_every` steps and at the last step. The caller decides what to print and when to save;
+    stopping the iteration early and resuming from the yielded state continues bit-identically.
+    """
+    step_fn = make_step(model_cfg, optimizer(train_cfg), loss)
+    eval_fn = make_eval(model_cfg)
+    lr = schedule(train_cfg)
+    train_ids, val_ids = jnp.asarray(data.train), jnp.asarray(data.val)
+    A, B, T = train_cfg.grad_accum, train_cfg.batch_size, model_cfg.context
+    eval_windows = data_lib.batches(val_ids, state.eval_key, 0, count=train_cfg.eval_batches, batch_size=B,
+                                    context=T)
+    while state.step < train_cfg.steps:
+        windows = data_lib.batches(train_ids, state.data_key, state.data_cursor, count=A, batch_size=B, context=T)
+        trainable, opt_state, out = step_fn(state.trainable, state.frozen, state.opt_state, windows)
+        metrics = {"step": state.step + 1, "loss": float(out["loss"]), "grad_norm": float(out["grad_norm"]),
+                   "lr": float(lr(state.step))}
+        state = replace(state, trainable=trainable, opt_state=opt_state, step=state.step + 1,
+                        data_cursor=state.data_cursor + A)
+        if state.step % train_cfg.eval_every == 0 or state.step == train_cfg.steps:
+            metrics["eval_loss"] = float(eval_fn(combine(state.trainable, state.frozen), eval_windows))
+        yield state, metrics
