@@ -32,7 +32,8 @@ from minilm.config import DataConfig, ModelConfig, TrainConfig, from_dict, to_di
 from minilm.errors import MinilmError
 from minilm.model import param_shapes
 from minilm.tokenizer import Tokenizer
-from minilm.tree import fill, named_leaves
+from minilm.train import TrainState, optimizer
+from minilm.tree import combine, fill, named_leaves, partition
 
 ARRAY_FILES = ("model.safetensors", "optimizer.safetensors")
 
@@ -61,6 +62,16 @@ def _fsync_tree(folder: Path) -> None:
     for f in folder.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` so that a reader (or a crash) sees the old file or the new, never half."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def key_to_json(key: jax.Array) -> list[int]:
@@ -154,3 +165,25 @@ def restore_optimizer(ckpt: Checkpoint, template):
     """Shape the saved optimizer arrays like `template` (the optimizer's init on the trainable params)."""
     state = fill(template, ckpt.optimizer, f"{ckpt.path}/optimizer.safetensors")
     return jax.tree.map(lambda t, x: jax.numpy.asarray(x, dtype=t.dtype), template, state)
+
+
+def save_training(path: Path, state: TrainState, *, model_cfg: ModelConfig, train_cfg: TrainConfig,
+                  data_cfg: DataConfig, tokenizer: Tokenizer) -> None:
+    """Save a training run's state: the params (both halves, as one tree) and everything else it needs."""
+    save(path, params=combine(state.trainable, state.frozen), opt_state=state.opt_state, model_cfg=model_cfg,
+         train_cfg=train_cfg, data_cfg=data_cfg, tokenizer=tokenizer,
+         state={"step": state.step, "data_cursor": state.data_cursor,
+                "data_key": key_to_json(state.data_key), "eval_key": key_to_json(state.eval_key)})
+
+
+def restore_training(ckpt: Checkpoint, train_cfg: TrainConfig, is_trainable=lambda name: True) -> TrainState:
+    """The TrainState saved in `ckpt`, ready to continue with `train.run` exactly where it stopped."""
+    trainable, frozen = partition(ckpt.params, is_trainable)
+    opt_state = restore_optimizer(ckpt, optimizer(train_cfg).init(trainable))
+    s = ckpt.state
+    try:
+        return TrainState(trainable, frozen, opt_state, int(s["step"]), int(s["data_cursor"]),
+                          key_from_json(s["data_key"]), key_from_json(s["eval_key"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise MinilmError(f"{ckpt.path}/state.json is incomplete or damaged ({e!r}); it needs step, "
+                          f"data_cursor, data_key and eval_key") from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 import time
 import typing
@@ -74,7 +75,7 @@ def cmd_train(args) -> int:
     from minilm import checkpoint, train
     from minilm.data import check_fits, load_dataset
     from minilm.model import init
-    from minilm.tree import combine, partition, size
+    from minilm.tree import partition, size
 
     model_over, train_over, data_over = given(args, ModelConfig), given(args, TrainConfig), given(args, DataConfig)
     if args.resume and args.overwrite:
@@ -89,11 +90,7 @@ def cmd_train(args) -> int:
         model_cfg, data_cfg = ckpt.model_cfg, ckpt.data_cfg
         train_cfg = dataclasses.replace(ckpt.train_cfg, **train_over)
         data = load_dataset(data_cfg, seed=train_cfg.seed, tokenizer=ckpt.tokenizer)
-        trainable, frozen = partition(ckpt.params, lambda name: True)
-        opt_state = checkpoint.restore_optimizer(ckpt, train.optimizer(train_cfg).init(trainable))
-        s = ckpt.state
-        state = train.TrainState(trainable, frozen, opt_state, s["step"], s["data_cursor"],
-                                 checkpoint.key_from_json(s["data_key"]), checkpoint.key_from_json(s["eval_key"]))
+        state = checkpoint.restore_training(ckpt, train_cfg)
     else:
         if (out / "checkpoint").exists() and not args.overwrite:
             raise MinilmError(f"{out} already holds a training run; pass --resume to continue it, "
@@ -113,21 +110,24 @@ def cmd_train(args) -> int:
     kept = []
     if args.resume and metrics_path.exists():  # drop lines logged after the checkpoint we resume from
         kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= state.step]
-    metrics_path.write_text("".join(line + "\n" for line in kept))
+    checkpoint.write_text_atomic(metrics_path, "".join(line + "\n" for line in kept))
 
     def save(state):
-        checkpoint.save(out / "checkpoint", params=combine(state.trainable, state.frozen),
-                        opt_state=state.opt_state, model_cfg=model_cfg, train_cfg=train_cfg, data_cfg=data_cfg,
-                        tokenizer=data.tokenizer,
-                        state={"step": state.step, "data_cursor": state.data_cursor,
-                               "data_key": checkpoint.key_to_json(state.data_key),
-                               "eval_key": checkpoint.key_to_json(state.eval_key)})
+        checkpoint.save_training(out / "checkpoint", state, model_cfg=model_cfg, train_cfg=train_cfg,
+                                 data_cfg=data_cfg, tokenizer=data.tokenizer)
 
     tokens_per_step = train_cfg.grad_accum * train_cfg.batch_size * model_cfg.context
     print(f"training a {size(state.trainable):,}-parameter model on {len(data.train):,} tokens "
           f"(vocabulary {data.tokenizer.size}) -> {out}", file=sys.stderr)
     bar = tqdm(total=train_cfg.steps, initial=state.step, unit="step", desc="train", dynamic_ncols=True)
     first_step, clock, eval_loss = state.step, None, float("nan")
+    stop = []
+
+    def request_stop(*_):  # Ctrl-C: finish this step, save, exit. A second Ctrl-C interrupts at once.
+        stop.append(True)
+        signal.signal(signal.SIGINT, previous_handler)
+
+    previous_handler = signal.signal(signal.SIGINT, request_stop)
     try:
         with metrics_path.open("a") as log:
             for state, metrics in train.run(state, data, model_cfg, train_cfg):
@@ -142,14 +142,15 @@ def cmd_train(args) -> int:
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", eval=f"{eval_loss:.3f}",
                                 tok_s=f"{metrics.get('tokens_per_s', 0):,.0f}")
                 bar.update(1)
-                if state.step % train_cfg.checkpoint_every == 0 or state.step == train_cfg.steps:
+                if stop or state.step % train_cfg.checkpoint_every == 0 or state.step == train_cfg.steps:
                     save(state)
-    except KeyboardInterrupt:
-        bar.close()
-        save(state)
-        print(f"\ninterrupted: saved step {state.step} to {out}/checkpoint; continue with "
-              f"`minilm train --out {out} --resume`", file=sys.stderr)
-        return 130
+                if stop:
+                    bar.close()
+                    print(f"\ninterrupted: saved step {state.step} to {out}/checkpoint; continue with "
+                          f"`minilm train --out {out} --resume`", file=sys.stderr)
+                    return 130
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
     bar.close()
     print(f"done: step {state.step}, eval loss {eval_loss:.4f}\n"
           f"  checkpoint  {out / 'checkpoint'}\n  metrics     {metrics_path}\n"

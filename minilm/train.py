@@ -15,6 +15,7 @@ clipping of the global gradient norm, and accumulation of several micro-batches 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import Iterator
 
@@ -52,13 +53,15 @@ def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(clip, adamw)
 
 
-def make_step(model_cfg: ModelConfig, opt: optax.GradientTransformation, loss=loss_fn):
+@functools.cache  # one compiled step per (model, training, loss): runs in one process share it
+def make_step(model_cfg: ModelConfig, train_cfg: TrainConfig, loss=loss_fn):
     """The jit-compiled step: (trainable, frozen, opt_state, windows (A, B, T + 1)) ->
     (trainable, opt_state, metrics). The A micro-batches' gradients are averaged, then one update.
 
     `loss(trainable, frozen, windows, cfg)` can be replaced, e.g. to add LoRA dropout; the default is
     the language-model loss.
     """
+    opt = optimizer(train_cfg)
     grad_fn = jax.value_and_grad(loss)  # d/d(trainable) only: argument 0
 
     def step(trainable, frozen, opt_state, windows):
@@ -75,11 +78,12 @@ def make_step(model_cfg: ModelConfig, opt: optax.GradientTransformation, loss=lo
             loss_value = losses.mean()
         updates, opt_state = opt.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        return trainable, opt_state, {"loss": loss_value, "grad_norm": optax.global_norm(grads)}
+        return trainable, opt_state, {"loss": loss_value, "grad_norm": optax.tree.norm(grads)}
 
     return jax.jit(step)
 
 
+@functools.cache
 def make_eval(model_cfg: ModelConfig):
     """jit-compiled mean loss over windows (N, B, T + 1)."""
     def evaluate(params, windows):
@@ -116,7 +120,7 @@ def run(state: TrainState, data: data_lib.Dataset, model_cfg: ModelConfig, train
     `eval_every` steps and at the last step. The caller decides what to print and when to save;
     stopping the iteration early and resuming from the yielded state continues bit-identically.
     """
-    step_fn = make_step(model_cfg, optimizer(train_cfg), loss)
+    step_fn = make_step(model_cfg, train_cfg, loss)
     eval_fn = make_eval(model_cfg)
     lr = schedule(train_cfg)
     train_ids, val_ids = jnp.asarray(data.train), jnp.asarray(data.val)

@@ -1,0 +1,21 @@
+"""Shared small, pairwise-distinct sizes, so that a swapped axis cannot go unnoticed."""
+
+import pytest
+
+from minilm.config import DataConfig, ModelConfig, TrainConfig
+from minilm.data import load_dataset
+
+
+@pytest.fixture(scope="session")
+def arithmetic_data():
+    """A small char-level corpus (vocabulary 14)."""
+    return load_dataset(DataConfig(corpus="arithmetic", corpus_size=600), seed=3)
+
+
+@pytest.fixture(scope="session")
+def small_cfgs(arithmetic_data):
+    model_cfg = ModelConfig(vocab_size=arithmetic_data.tokenizer.size, context=11, width=12, layers=2, heads=3,
+                            mlp_ratio=2)
+    train_cfg = TrainConfig(steps=12, batch_size=5, lr=1e-2, min_lr=1e-3, warmup=0.25, eval_every=4,
+                            eval_batches=2, checkpoint_every=4, seed=7)
+    return model_cfg, train_cfg
