@@ -42,7 +42,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, title: str, default_n
             group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None,
                                help=f"{f.metadata['help']} ({note})")
         else:
-            group.add_argument(_flag(f.name), type=kind, default=None, metavar=kind.__name__.upper(),
+            group.add_argument(_flag(f.name), type=kind, default=None, metavar=f.metadata.get("metavar", kind.__name__.upper()),
                                help=f"{f.metadata['help']} ({note})")
 
 
@@ -96,10 +96,11 @@ def cmd_train(args) -> int:
             raise MinilmError(f"{out} already holds a training run; pass --resume to continue it, "
                               f"--overwrite to replace it, or choose another --out")
         base_model, base_train = preset(args.preset)
+        model_cfg = dataclasses.replace(base_model, **model_over)  # check every config before reading data
         train_cfg = dataclasses.replace(base_train, **train_over)
         data_cfg = DataConfig(**data_over)
         data = load_dataset(data_cfg, seed=train_cfg.seed)
-        model_cfg = dataclasses.replace(base_model, **model_over, vocab_size=data.tokenizer.size)
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=data.tokenizer.size)
         init_key, train_key = jax.random.split(jax.random.key(train_cfg.seed))
         trainable, frozen = partition(init(model_cfg, key=init_key), lambda name: True)
         state = train.start(trainable, frozen, train_cfg, key=train_key)

@@ -97,9 +97,10 @@ class TrainConfig:
 class DataConfig:
     """Where the training text comes from: a built-in corpus or a text file of your own."""
 
-    corpus: str | None = option(None, "built-in corpus: associations, bindings, induction, grammar, arithmetic")
-    text: str | None = option(None, "train on this UTF-8 text file instead of a built-in corpus")
-    tokenizer: str = option("auto", "char | word | auto (the corpus's own; char for --text)")
+    corpus: str | None = option(None, "built-in corpus: associations, bindings, induction, grammar, arithmetic",
+                               metavar="NAME")
+    text: str | None = option(None, "train on this UTF-8 text file instead of a built-in corpus", metavar="PATH")
+    tokenizer: str = option("auto", "char | word | auto (the corpus's own; char for --text)", metavar="KIND")
     corpus_size: int | None = option(None, "sentences/lines to generate for a built-in corpus (default: its own)")
     val_fraction: float = option(0.1, "fraction of the text held out for evaluation")
 

@@ -1,0 +1,153 @@
+"""The `minilm` command as a user meets it: flags from the configs, files on disk, resume, clear errors."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from minilm.cli import main
+from minilm.config import DataConfig, ModelConfig, SampleConfig, TrainConfig
+
+# A model small enough that a CLI run costs little more than its compilation.
+SMALL = ["--corpus", "arithmetic", "--corpus-size", "300", "--context", "16", "--width", "16", "--layers", "1",
+         "--heads", "2", "--batch-size", "4", "--eval-batches", "2"]
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def metrics(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def flags(cls):
+    return ["--" + f.name.replace("_", "-") for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
+
+
+def test_every_config_field_is_a_documented_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in flags(ModelConfig) + flags(TrainConfig) + flags(DataConfig) + ["--preset", "--out", "--resume"]:
+        assert flag in text, flag
+    assert "--vocab-size" not in text  # set from the tokenizer, not by hand
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    text = capsys.readouterr().out
+    for flag in flags(SampleConfig) + ["--prompt"]:
+        assert flag in text, flag
+
+
+def test_train_then_sample_then_resume(capsys, tmp_path):
+    out = tmp_path / "run"
+    code, stdout, _ = run(capsys, "train", *SMALL, "--steps", "6", "--eval-every", "3", "--checkpoint-every", "4",
+                          "--out", str(out))
+    assert code == 0
+    assert str(out / "checkpoint") in stdout
+    assert sorted(p.name for p in (out / "checkpoint").iterdir()) == [
+        "config.json", "model.safetensors", "optimizer.safetensors", "state.json", "tokenizer.json"]
+    lines = metrics(out)
+    assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
+    assert ["eval_loss" in m for m in lines] == [False, False, True, False, False, True]
+
+    code, stdout, _ = run(capsys, "sample", str(out), "--prompt", "12+", "--max-new-tokens", "5",
+                          "--temperature", "0")
+    assert code == 0 and stdout.startswith("12+") and len(stdout) == len("12+") + 5 + 1  # + print's newline
+
+    code, _, err = run(capsys, "train", *SMALL, "--steps", "6", "--out", str(out))
+    assert code == 2 and "already holds a training run" in err
+    code, _, err = run(capsys, "train", "--out", str(out), "--resume", "--width", "32")
+    assert code == 2 and "--width 32 (checkpoint: 16)" in err
+    code, _, _ = run(capsys, "train", "--out", str(out), "--resume", "--steps", "8")
+    assert code == 0
+    assert [m["step"] for m in metrics(out)] == list(range(1, 9))
+
+
+def test_ctrl_c_saves_and_resume_is_bit_identical(capsys, tmp_path):
+    args = [*SMALL, "--steps", "600", "--eval-every", "50", "--checkpoint-every", "1000"]
+    assert main(["train", *args, "--out", str(tmp_path / "whole")]) == 0
+
+    interrupted = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, "-m", "minilm.cli", "train", *args, "--out", str(interrupted)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        path = interrupted / "metrics.jsonl"
+        if path.exists() and len(path.read_text().splitlines()) >= 10:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted: saved step" in err and "Traceback" not in err
+    stopped_at = json.loads((interrupted / "checkpoint" / "state.json").read_text())["step"]
+    assert 10 <= stopped_at < 600
+
+    assert main(["train", "--out", str(interrupted), "--resume"]) == 0
+    capsys.readouterr()
+    keys = ("step", "loss", "grad_norm", "lr", "eval_loss")
+    whole = [{k: m.get(k) for k in keys} for m in metrics(tmp_path / "whole")]
+    resumed = [{k: m.get(k) for k in keys} for m in metrics(interrupted)]
+    assert resumed == whole
+
+
+def write(path, data: bytes):
+    path.write_bytes(data)
+    return str(path)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--width", "10", "--heads", "3"], "width = 10 is not divisible by heads = 3"),
+    (["train", "--corpus", "arithmetic", "--steps", "0"], "steps = 0 must be positive"),
+    (["train", "--corpus", "arithmetic", "--layers", "-1"], "layers = -1 must be positive"),
+    (["train", "--corpus", "nope"], "nope"),
+    (["train"], "give exactly one source of text"),
+    (["train", "--corpus", "arithmetic", "--text", "x.txt"], "give exactly one source of text"),
+    (["train", "--text", "{tmp}/missing.txt"], "missing.txt"),
+    (["train", "--text", "{empty}"], "empty.txt"),
+    (["train", "--text", "{latin1}"], "latin1.txt"),
+    (["train", "--text", "{short}", "--context", "64"], "shorter than one context window"),
+    (["train", "--corpus", "arithmetic", "--resume", "--overwrite"], "contradict"),
+    (["train", "--out", "{tmp}/none", "--resume"], "does not exist"),
+    (["sample", "{tmp}/none"], "does not exist"),
+])
+def test_bad_input_gets_one_clear_error(capsys, tmp_path, argv, message):
+    files = {"tmp": str(tmp_path), "empty": write(tmp_path / "empty.txt", b""),
+             "latin1": write(tmp_path / "latin1.txt", "café au lait\n".encode("latin-1") * 50),
+             "short": write(tmp_path / "short.txt", b"just a few characters\n")}
+    argv = [a.format(**files) for a in argv]
+    if argv[0] == "train" and "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert err.count("\n") == 1 and "error:" in err and message in err, err
+
+
+def test_bad_prompts(capsys, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--steps", "2", "--out", str(out)]) == 0
+    code, _, err = run(capsys, "sample", str(out), "--prompt", "12*3")
+    assert code == 2 and "'*'" in err
+    code, _, err = run(capsys, "sample", str(out), "--prompt", "1+1=", "--max-new-tokens", "13")
+    assert code == 2 and "= 17 exceeds the model's context of 16 tokens" in err and "at most 12" in err
+    code, _, err = run(capsys, "sample", str(out), "--top-p", "0")
+    assert code == 2 and "top_p = 0.0" in err
+
+
+def test_installed_command_fails_cleanly_without_traceback(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    bindir = os.path.dirname(sys.executable)
+    result = subprocess.run([os.path.join(bindir, "minilm"), "train", "--corpus", "arithmetic", "--width", "10",
+                             "--heads", "4", "--out", str(tmp_path / "x")], capture_output=True, text=True, env=env)
+    assert result.returncode == 2
+    assert result.stderr.startswith("minilm train: error: width = 10 is not divisible by heads = 4")
+    assert "Traceback" not in result.stderr
