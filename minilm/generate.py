@@ -46,6 +46,8 @@ def pick(logits: jax.Array, key: jax.Array, temperature: float, top_k: int, top_
 
 
 def check_length(cfg: ModelConfig, prompt_len: int, max_new_tokens: int) -> None:
+    if max_new_tokens < 1:
+        raise MinilmError(f"max_new_tokens = {max_new_tokens}; ask for at least 1 new token")
     if prompt_len < 1:
         raise MinilmError("the prompt is empty; give at least one token to start from")
     if prompt_len + max_new_tokens > cfg.context:
@@ -96,6 +98,8 @@ def generate(params, prompt, cfg: ModelConfig, *, key, max_new_tokens: int, temp
     With the same key, the cached and uncached paths make the same choices from the same logits.
     """
     prompt = jnp.asarray(prompt, jnp.int32)
+    if prompt.ndim != 2:
+        raise MinilmError(f"prompt has shape {prompt.shape}; expected (batch, length) token ids, e.g. ids[None]")
     check_length(cfg, prompt.shape[1], max_new_tokens)
     run = _generate_cached if use_cache else _generate_uncached
     return run(params, prompt, key, cfg=cfg, max_new_tokens=max_new_tokens, temperature=float(temperature),

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from minilm.attention import attend, attention_probs, causal_mask
 from minilm.config import ModelConfig
+from minilm.errors import MinilmError
 
 INIT_STD = 0.02  # GPT-2's initialisation scale for every weight matrix
 
@@ -42,7 +43,8 @@ def init(cfg: ModelConfig, *, key: jax.Array) -> dict:
     1/sqrt(2L), as in GPT-2 §2.3, so the stream's variance does not grow with depth: 2L of them add up.
     """
     if cfg.vocab_size <= 0:
-        raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) before init")
+        raise MinilmError(f"vocab_size = {cfg.vocab_size}: set it from the tokenizer before init, e.g. "
+                          f"dataclasses.replace(cfg, vocab_size=tokenizer.size)")
     D, F, L = cfg.width, cfg.mlp_width, cfg.layers
     resid_std = INIT_STD / math.sqrt(2 * L)
     key_tok, key_pos, *block_keys = jax.random.split(key, 2 + L)

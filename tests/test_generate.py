@@ -224,3 +224,14 @@ def test_too_long_raises(params, prompt):
 def test_empty_prompt_raises(params):
     with pytest.raises(MinilmError, match="empty"):
         generate(params, jnp.zeros((B, 0), jnp.int32), CFG, key=jax.random.key(0), max_new_tokens=2)
+
+
+def test_bad_lengths_and_shapes_are_named():
+    cfg = ModelConfig(vocab_size=11, context=13, width=12, layers=1, heads=3)
+    params = init(cfg, key=jax.random.key(0))
+    with pytest.raises(MinilmError, match="max_new_tokens = 0"):
+        generate(params, jnp.zeros((2, 3), jnp.int32), cfg, key=jax.random.key(1), max_new_tokens=0)
+    with pytest.raises(MinilmError, match=r"shape \(3,\)"):
+        generate(params, jnp.zeros((3,), jnp.int32), cfg, key=jax.random.key(1), max_new_tokens=2)
+    with pytest.raises(MinilmError, match="vocab_size = 0"):
+        init(ModelConfig(), key=jax.random.key(0))

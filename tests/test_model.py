@@ -275,8 +275,8 @@ def test_gradients_match_finite_differences(params):
         rng = np.random.default_rng(6)
         leaves = named_leaves(trainable)
         for name in leaves:
-            direction = {n: jnp.zeros_like(x) for n, x in leaves.items()}
-            direction[name] = jnp.asarray(rng.normal(size=leaves[name].shape))
+            direction = {n: np.zeros(x.shape) for n, x in leaves.items()}
+            direction[name] = rng.normal(size=leaves[name].shape)
             analytic, numeric = slopes(trainable, _like(trainable, direction))
             # Every leaf matters to the loss, except the key bias: it adds q·b to a whole row of scores,
             # which softmax ignores, so its gradient is 0 in exact arithmetic.
