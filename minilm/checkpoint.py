@@ -47,7 +47,7 @@ class Checkpoint:
     tokenizer: Tokenizer
     params: dict             # the full parameter tree, as jax arrays
     optimizer: dict          # {name: array} as saved; `restore_optimizer` shapes it into a state
-    state: dict              # step, data_cursor, data_key, eval_key (as lists of uint32)
+    state: dict              # step, data_cursor, key (as a list of uint32)
 
 
 def _sha256(path: Path) -> str:
@@ -173,7 +173,7 @@ def save_training(path: Path, state: TrainState, *, model_cfg: ModelConfig, trai
     save(path, params=combine(state.trainable, state.frozen), opt_state=state.opt_state, model_cfg=model_cfg,
          train_cfg=train_cfg, data_cfg=data_cfg, tokenizer=tokenizer,
          state={"step": state.step, "data_cursor": state.data_cursor,
-                "data_key": key_to_json(state.data_key), "eval_key": key_to_json(state.eval_key)})
+                "key": key_to_json(state.key)})
 
 
 def restore_training(ckpt: Checkpoint, train_cfg: TrainConfig, is_trainable=lambda name: True) -> TrainState:
@@ -183,7 +183,7 @@ def restore_training(ckpt: Checkpoint, train_cfg: TrainConfig, is_trainable=lamb
     s = ckpt.state
     try:
         return TrainState(trainable, frozen, opt_state, int(s["step"]), int(s["data_cursor"]),
-                          key_from_json(s["data_key"]), key_from_json(s["eval_key"]))
+                          key_from_json(s["key"]))
     except (KeyError, TypeError, ValueError) as e:
         raise MinilmError(f"{ckpt.path}/state.json is incomplete or damaged ({e!r}); it needs step, "
-                          f"data_cursor, data_key and eval_key") from None
+                          f"data_cursor and key") from None

@@ -34,8 +34,9 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
-def loss_fn(trainable, frozen, windows: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """windows (B, T + 1): read tokens 0..T-1, predict tokens 1..T."""
+def loss_fn(trainable, frozen, windows: jax.Array, cfg: ModelConfig, key=None) -> jax.Array:
+    """windows (B, T + 1): read tokens 0..T-1, predict tokens 1..T. (The model itself uses no `key`;
+    a loss that adds noise, such as LoRA's dropout, takes one per micro-batch.)"""
     logits = forward(combine(trainable, frozen), windows[:, :-1], cfg)
     return cross_entropy(logits, windows[:, 1:])
 
@@ -55,25 +56,27 @@ def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
 @functools.cache  # one compiled step per (model, training, loss): runs in one process share it
 def make_step(model_cfg: ModelConfig, train_cfg: TrainConfig, loss=loss_fn):
-    """The jit-compiled step: (trainable, frozen, opt_state, windows (A, B, T + 1)) ->
+    """The jit-compiled step: (trainable, frozen, opt_state, windows (A, B, T + 1), key) ->
     (trainable, opt_state, metrics). The A micro-batches' gradients are averaged, then one update.
 
-    `loss(trainable, frozen, windows, cfg)` can be replaced, e.g. to add LoRA dropout; the default is
-    the language-model loss.
+    `loss(trainable, frozen, windows, cfg, key)` can be replaced, e.g. to add LoRA dropout; the default
+    is the language-model loss.
     """
     opt = optimizer(train_cfg)
     grad_fn = jax.value_and_grad(loss)  # d/d(trainable) only: argument 0
 
-    def step(trainable, frozen, opt_state, windows):
+    def step(trainable, frozen, opt_state, windows, key):
+        keys = jax.random.split(key, windows.shape[0])
         if windows.shape[0] == 1:
-            loss_value, grads = grad_fn(trainable, frozen, windows[0], model_cfg)
+            loss_value, grads = grad_fn(trainable, frozen, windows[0], model_cfg, keys[0])
         else:
             def accumulate(total, micro_batch):
-                value, g = grad_fn(trainable, frozen, micro_batch, model_cfg)
+                micro_windows, micro_key = micro_batch
+                value, g = grad_fn(trainable, frozen, micro_windows, model_cfg, micro_key)
                 return jax.tree.map(jnp.add, total, g), value
 
             zeros = jax.tree.map(jnp.zeros_like, trainable)
-            grads, losses = jax.lax.scan(accumulate, zeros, windows)
+            grads, losses = jax.lax.scan(accumulate, zeros, (windows, keys))
             grads = jax.tree.map(lambda g: g / windows.shape[0], grads)
             loss_value = losses.mean()
         updates, opt_state = opt.update(grads, opt_state, trainable)
@@ -102,14 +105,24 @@ class TrainState:
     opt_state: optax.OptState
     step: int          # optimizer steps taken
     data_cursor: int   # micro-batches drawn so far (see data.py)
-    data_key: jax.Array
-    eval_key: jax.Array
+    key: jax.Array     # the run's key: batches, evaluation batches and noise each fold in their own number
+
+    @property
+    def data_key(self):
+        return jax.random.fold_in(self.key, 0)
+
+    @property
+    def eval_key(self):
+        return jax.random.fold_in(self.key, 1)
+
+    @property
+    def step_key(self):  # noise for this step (e.g. dropout), a function of the step alone
+        return jax.random.fold_in(jax.random.fold_in(self.key, 2), self.step)
 
 
 def start(trainable, frozen, train_cfg: TrainConfig, *, key: jax.Array) -> TrainState:
-    """Step 0: fresh optimizer state for `trainable`, and the data and eval streams from `key`."""
-    data_key, eval_key = jax.random.split(key)
-    return TrainState(trainable, frozen, optimizer(train_cfg).init(trainable), 0, 0, data_key, eval_key)
+    """Step 0: fresh optimizer state for `trainable`; batches and noise drawn from `key`."""
+    return TrainState(trainable, frozen, optimizer(train_cfg).init(trainable), 0, 0, key)
 
 
 def run(state: TrainState, data: data_lib.Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig,
@@ -129,7 +142,7 @@ def run(state: TrainState, data: data_lib.Dataset, model_cfg: ModelConfig, train
                                     context=T)
     while state.step < train_cfg.steps:
         windows = data_lib.batches(train_ids, state.data_key, state.data_cursor, count=A, batch_size=B, context=T)
-        trainable, opt_state, out = step_fn(state.trainable, state.frozen, state.opt_state, windows)
+        trainable, opt_state, out = step_fn(state.trainable, state.frozen, state.opt_state, windows, state.step_key)
         metrics = {"step": state.step + 1, "loss": float(out["loss"]), "grad_norm": float(out["grad_norm"]),
                    "lr": float(lr(state.step))}
         state = replace(state, trainable=trainable, opt_state=opt_state, step=state.step + 1,

@@ -45,8 +45,7 @@ def test_round_trip_is_exact(saved, small_cfgs, arithmetic_data):
         np.testing.assert_array_equal(a, b, err_msg=name)
         assert a.dtype == b.dtype, name
     assert (restored.step, restored.data_cursor) == (3, 3)
-    np.testing.assert_array_equal(jax.random.key_data(restored.data_key), jax.random.key_data(state.data_key))
-    np.testing.assert_array_equal(jax.random.key_data(restored.eval_key), jax.random.key_data(state.eval_key))
+    np.testing.assert_array_equal(jax.random.key_data(restored.key), jax.random.key_data(state.key))
     assert checkpoint.load(path.parent).path == path  # a run folder resolves to its checkpoint
 
 

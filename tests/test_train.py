@@ -35,7 +35,7 @@ def test_overfits_a_fixed_batch():
     step, opt_state = train.make_step(cfg, tcfg), opt.init(trainable)
     first = None
     for _ in range(tcfg.steps):
-        trainable, opt_state, out = step(trainable, frozen, opt_state, windows)
+        trainable, opt_state, out = step(trainable, frozen, opt_state, windows, jax.random.key(0))
         first = first if first is not None else float(out["loss"])
     assert first > 2.0  # ~ln(13) at init
     assert float(train.loss_fn(trainable, frozen, windows[0], cfg)) < 0.05
@@ -100,8 +100,8 @@ def test_gradient_accumulation_equals_one_big_batch(small_cfgs):
     windows = jax.random.randint(jax.random.key(3), (6, model_cfg.context + 1), 0, model_cfg.vocab_size)
     opt = train.optimizer(train_cfg)
     step = train.make_step(model_cfg, train_cfg)
-    big = step(trainable, frozen, opt.init(trainable), windows[None])  # (1, 6, T + 1)
-    accumulated = step(trainable, frozen, opt.init(trainable), windows.reshape(3, 2, -1))  # (3, 2, T + 1)
+    big = step(trainable, frozen, opt.init(trainable), windows[None], jax.random.key(0))  # (1, 6, T + 1)
+    accumulated = step(trainable, frozen, opt.init(trainable), windows.reshape(3, 2, -1), jax.random.key(0))  # (3, 2, T + 1)
     np.testing.assert_allclose(big[2]["loss"], accumulated[2]["loss"], rtol=1e-6)
     for name, leaf in named_leaves(big[0]).items():
         np.testing.assert_allclose(leaf, named_leaves(accumulated[0])[name], rtol=1e-5, atol=1e-6, err_msg=name)
