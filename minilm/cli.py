@@ -17,7 +17,7 @@ import time
 import typing
 from pathlib import Path
 
-from minilm.config import PRESETS, DataConfig, ModelConfig, SampleConfig, TrainConfig, preset
+from minilm.config import FINETUNE, LORA_LR, PRESETS, DataConfig, ModelConfig, SampleConfig, TrainConfig, preset
 from minilm.errors import MinilmError
 
 # ---------------------------------------------------------------- flags from dataclasses
@@ -70,12 +70,11 @@ def _check_unchanged(saved, requested: dict, what: str) -> None:
 
 def cmd_train(args) -> int:
     import jax
-    from tqdm import tqdm
 
     from minilm import checkpoint, train
     from minilm.data import check_fits, load_dataset
     from minilm.model import init
-    from minilm.tree import partition, size
+    from minilm.tree import partition
 
     model_over, train_over, data_over = given(args, ModelConfig), given(args, TrainConfig), given(args, DataConfig)
     if args.resume and args.overwrite:
@@ -106,19 +105,31 @@ def cmd_train(args) -> int:
         state = train.start(trainable, frozen, train_cfg, key=train_key)
     check_fits(data, model_cfg.context, data_cfg.text or f"corpus {data_cfg.corpus!r}")
 
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / "metrics.jsonl"
-    kept = []
-    if args.resume and metrics_path.exists():  # drop lines logged after the checkpoint we resume from
-        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= state.step]
-    checkpoint.write_text_atomic(metrics_path, "".join(line + "\n" for line in kept))
-
     def save(state):
         checkpoint.save_training(out / "checkpoint", state, model_cfg=model_cfg, train_cfg=train_cfg,
                                  data_cfg=data_cfg, tokenizer=data.tokenizer)
 
+    return fit(state, data, model_cfg, train_cfg, out, save, resume=args.resume, saved=out / "checkpoint",
+               resume_hint=f"minilm train --out {out} --resume", sample_hint=f"minilm sample {out} --prompt '...'")
+
+
+def fit(state, data, model_cfg, train_cfg, out: Path, save, *, resume: bool, saved: Path, resume_hint: str | None,
+        sample_hint: str, loss=None) -> int:
+    """Run training with a progress bar, log metrics.jsonl, save every checkpoint_every steps and on Ctrl-C."""
+    from tqdm import tqdm
+
+    from minilm import checkpoint, train
+    from minilm.tree import size
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    kept = []
+    if resume and metrics_path.exists():  # drop lines logged after the checkpoint we resume from
+        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= state.step]
+    checkpoint.write_text_atomic(metrics_path, "".join(line + "\n" for line in kept))
+
     tokens_per_step = train_cfg.grad_accum * train_cfg.batch_size * model_cfg.context
-    print(f"training a {size(state.trainable):,}-parameter model on {len(data.train):,} tokens "
+    print(f"training {size(state.trainable):,} parameters on {len(data.train):,} tokens "
           f"(vocabulary {data.tokenizer.size}) -> {out}", file=sys.stderr)
     bar = tqdm(total=train_cfg.steps, initial=state.step, unit="step", desc="train", dynamic_ncols=True)
     first_step, clock, eval_loss = state.step, None, float("nan")
@@ -131,7 +142,7 @@ def cmd_train(args) -> int:
     previous_handler = signal.signal(signal.SIGINT, request_stop)
     try:
         with metrics_path.open("a") as log:
-            for state, metrics in train.run(state, data, model_cfg, train_cfg):
+            for state, metrics in train.run(state, data, model_cfg, train_cfg, loss or train.loss_fn):
                 if clock is None:  # the first step includes compilation: time from after it
                     clock = time.perf_counter()
                 elif state.step > first_step + 1:
@@ -147,16 +158,100 @@ def cmd_train(args) -> int:
                     save(state)
                 if stop:
                     bar.close()
-                    print(f"\ninterrupted: saved step {state.step} to {out}/checkpoint; continue with "
-                          f"`minilm train --out {out} --resume`", file=sys.stderr)
+                    hint = f"; continue with `{resume_hint}`" if resume_hint else ""
+                    print(f"\ninterrupted: saved step {state.step} to {saved}{hint}", file=sys.stderr)
                     return 130
     finally:
         signal.signal(signal.SIGINT, previous_handler)
     bar.close()
     print(f"done: step {state.step}, eval loss {eval_loss:.4f}\n"
-          f"  checkpoint  {out / 'checkpoint'}\n  metrics     {metrics_path}\n"
+          f"  saved       {saved}\n  metrics     {metrics_path}\n"
+          f"  sample with {sample_hint}")
+    return 0
+
+
+# ---------------------------------------------------------------- finetune and merge
+
+
+def cmd_finetune(args) -> int:
+    import jax
+
+    import lora
+    from minilm import checkpoint, train
+    from minilm.data import check_fits, load_dataset
+    from minilm.tree import combine, partition, size
+
+    if args.full == (args.lora is not None):
+        raise MinilmError("--full and --lora together" if args.full else
+                          "choose how to fine-tune: --full, or --lora SPEC (e.g. --lora rank=8,alpha=16)")
+    lora_cfg = lora.parse_spec(args.lora) if args.lora is not None else None
+    train_over, data_over = given(args, TrainConfig), given(args, DataConfig)
+    train_cfg = dataclasses.replace(FINETUNE, **({"lr": LORA_LR} if lora_cfg else {}), **train_over)
+    data_cfg = DataConfig(**data_over)
+    base = checkpoint.load(args.base)
+    out = Path(args.out or f"runs/{base.path.parent.name}-{'lora' if lora_cfg else 'full'}-"
+                           f"{data_cfg.corpus or Path(data_cfg.text or 'text').stem}")
+    saved = out / ("adapter" if lora_cfg else "checkpoint")
+    if saved.exists() and not args.overwrite:
+        raise MinilmError(f"{saved} already exists; pass --overwrite to replace it or choose another --out")
+    data = load_dataset(data_cfg, seed=train_cfg.seed, tokenizer=base.tokenizer)
+    check_fits(data, base.model_cfg.context, data_cfg.text or f"corpus {data_cfg.corpus!r}")
+    model_cfg = base.model_cfg
+    adapter_key, run_key = jax.random.split(jax.random.key(train_cfg.seed))
+    if lora_cfg:
+        params = lora.attach(base.params, lora_cfg, key=adapter_key)
+        trainable, frozen = lora.split(params, lora_cfg)
+    else:
+        trainable, frozen = partition(base.params, lambda name: True)
+    state = train.start(trainable, frozen, train_cfg, key=run_key)
+    if lora_cfg:
+        optimizer_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
+        print(lora.format_summary(lora.summary(params, trainable), size(base.params), optimizer_bytes))
+
+    def save(state):
+        if lora_cfg:
+            lora.save_adapter(saved, combine(state.trainable, state.frozen), lora_cfg, model_cfg)
+        else:
+            checkpoint.save_training(saved, state, model_cfg=model_cfg, train_cfg=train_cfg, data_cfg=data_cfg,
+                                     tokenizer=base.tokenizer)
+
+    return fit(state, data, model_cfg, train_cfg, out, save, resume=False, saved=saved,
+               resume_hint=None if lora_cfg else f"minilm train --out {out} --resume",
+               sample_hint=f"minilm sample {base.path} --adapter {saved} --prompt '...'" if lora_cfg
+               else f"minilm sample {out} --prompt '...'",
+               loss=lora.loss_fn if lora_cfg else None)
+
+
+def cmd_merge(args) -> int:
+    import lora
+    from minilm import checkpoint
+
+    base = checkpoint.load(args.base)
+    weights = [1.0] * len(args.adapters) if args.weights is None else _floats(args.weights, "--weights")
+    if len(weights) != len(args.adapters):
+        raise MinilmError(f"--weights has {len(weights)} values for {len(args.adapters)} adapters; give one each")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise MinilmError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+    params, names = base.params, {}
+    for i, path in enumerate(args.adapters):
+        params, cfg = lora.load_adapter(path, params, base.model_cfg, name=f"adapter{i}")
+        names[cfg.name] = weights[i]
+    merged = lora.merge(params, names)
+    checkpoint.save(out, params=merged, opt_state={}, model_cfg=base.model_cfg, train_cfg=base.train_cfg,
+                    data_cfg=base.data_cfg, tokenizer=base.tokenizer,
+                    state={"merged_from": str(base.path), "adapters": list(map(str, args.adapters)),
+                           "weights": weights})
+    print(f"merged {len(args.adapters)} adapter(s) into {args.base} -> {out}\n"
           f"  sample with minilm sample {out} --prompt '...'")
     return 0
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise MinilmError(f"{flag} {text!r}: expected comma-separated numbers, e.g. {flag} 0.5,0.5") from None
 
 
 # ---------------------------------------------------------------- sample
@@ -171,11 +266,15 @@ def cmd_sample(args) -> int:
 
     ckpt = checkpoint.load(args.checkpoint)
     cfg = SampleConfig(**given(args, SampleConfig))
+    params = ckpt.params
+    if args.adapter is not None:
+        import lora
+        params, _ = lora.load_adapter(args.adapter, params, ckpt.model_cfg)
     prompt = args.prompt if args.prompt is not None else "\n"
     ids = ckpt.tokenizer.encode(prompt)
     batch = np.tile(ids, (cfg.num_samples, 1))  # (num_samples, P)
     started = time.perf_counter()
-    tokens = generate(ckpt.params, batch, ckpt.model_cfg, key=jax.random.key(cfg.seed),
+    tokens = generate(params, batch, ckpt.model_cfg, key=jax.random.key(cfg.seed),
                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                       top_p=cfg.top_p, use_cache=cfg.kv_cache)
     tokens = np.asarray(tokens)
@@ -217,8 +316,37 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Continue a prompt with a trained model, using a key/value cache.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a run folder (from train --out) or its checkpoint/")
     p.add_argument("--prompt", help="text to continue, in the model's vocabulary (default: a newline)")
+    p.add_argument("--adapter", metavar="DIR", help="apply a LoRA adapter (from finetune --lora) to the model")
     add_config_flags(p, SampleConfig, "sampling")
     p.set_defaults(func=cmd_sample)
+
+    p = commands.add_parser("finetune", help="fine-tune a trained model, fully or with LoRA",
+                            description="Fine-tune BASE on a corpus or text file. --full trains every weight and "
+                                        "writes OUT/checkpoint/; --lora trains low-rank adapters only and writes "
+                                        "OUT/adapter/ (adapter_config.json + adapter_model.safetensors).")
+    p.add_argument("base", metavar="BASE", help="the trained model: a run folder or its checkpoint/")
+    p.add_argument("--full", action="store_true", help="train every parameter")
+    p.add_argument("--lora", metavar="SPEC",
+                   help="train LoRA adapters: comma-separated key=value, e.g. rank=8,alpha=16,targets=attn.q,attn.v. "
+                        "Keys: rank, alpha, use_rslora, dropout, targets (attn.q|k|v|o, mlp.fc|proj, attn.*, mlp.*, "
+                        "all-linear, embed, blocks.N.*), rank_pattern / alpha_pattern (pattern:value), layers, "
+                        "init (standard|gaussian|pissa), use_dora, bias (none|all|lora_only), modules_to_save, name")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: runs/BASE-MODE-CORPUS)")
+    p.add_argument("--overwrite", action="store_true", help="replace what an earlier run saved in --out")
+    add_config_flags(p, TrainConfig, f"training (lr defaults to {FINETUNE.lr:g} for --full, {LORA_LR:g} for --lora)",
+                     lambda f: f"default: {getattr(FINETUNE, f.name)}")
+    add_config_flags(p, DataConfig, "data (tokenized with the base model's vocabulary)")
+    p.set_defaults(func=cmd_finetune)
+
+    p = commands.add_parser("merge", help="merge LoRA adapters into a full checkpoint",
+                            description="Fold one or more adapters into BASE's weights (W + sum of weight * s*A*B) "
+                                        "and save a plain checkpoint that `minilm sample` reads.")
+    p.add_argument("base", metavar="BASE", help="the base model the adapters were trained on")
+    p.add_argument("adapters", metavar="ADAPTER", nargs="+", help="adapter folders (OUT/adapter from finetune)")
+    p.add_argument("--weights", metavar="W1,W2,...", help="one factor per adapter for a linear combination (default 1)")
+    p.add_argument("--out", metavar="DIR", required=True, help="where to write the merged checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.set_defaults(func=cmd_merge)
     return parser
 
 

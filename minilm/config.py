@@ -144,6 +144,12 @@ PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
 }
 
 
+# Fine-tuning starts from a trained model: fewer steps, a gentler learning rate. LoRA's adapters start
+# at zero and are few, so they take a larger one (the CLI uses LORA_LR unless --lr is given).
+FINETUNE = TrainConfig(steps=300, lr=1e-3, min_lr=1e-4, warmup=0.1, eval_every=50, checkpoint_every=100)
+LORA_LR = 5e-3
+
+
 def preset(name: str) -> tuple[ModelConfig, TrainConfig]:
     if name not in PRESETS:
         raise MinilmError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")

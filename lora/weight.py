@@ -1,0 +1,105 @@
+"""A weight matrix with a low-rank adapter: the LoRA maths, in one small class.
+
+    W' = W + s · A B          A (d_in, R), B (R, d_out), s = alpha / R   (Hu et al. 2021, eq. 3)
+                                                       s = alpha / sqrt(R)  with rsLoRA (Kalajdzievski 2023)
+    x @ W' = x @ W + s · (x @ A) @ B
+
+The model spells every linear layer `x @ p["w"] + p["b"]`. When `p["w"]` is a `LoraWeight`, JAX's
+array sees an operand it does not recognise and hands `@` over to `LoraWeight.__rmatmul__`, which
+computes the right-hand side above without ever forming W + s·A B. So the model never mentions LoRA,
+and the frozen W enters the computation only as `x @ W`: its gradient is never asked for.
+
+DoRA (Liu et al. 2024, arXiv 2402.09353, eq. 5) splits the adapted weight into a magnitude and a
+direction, with a trainable magnitude m per output unit (a column of our (d_in, d_out) W):
+
+    W' = m · (W + s·A B) / ||W + s·A B||_c      ||·||_c: the norm of each column
+
+The tied token embedding (V, D) is used twice: looked up as rows (`tok[ids]`) and as the output
+projection (`x @ tok.T`). A `LoraWeight` supports both, so an adapter on `embed` changes the input
+vectors *and* the output projection, exactly as merging W + s·A B into the one shared matrix would.
+That is our choice (PEFT's embedding adapter leaves a tied output head unadapted until merged); it
+keeps merged and unmerged models identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+
+def column_norm(w: jax.Array) -> jax.Array:
+    """(d_in, d_out) -> (d_out,): the length of each output unit's weight vector."""
+    return jnp.sqrt(jnp.sum(w * w, axis=0))
+
+
+@dataclass(frozen=True)
+class LoraWeight:
+    """W (frozen) plus s·A B (trained), behaving like the (d_in, d_out) matrix W' under `@`, `[ids]`, `.T`."""
+
+    base: jax.Array                     # (d_in, d_out) the frozen W; with PiSSA, its residual; or another LoraWeight
+    lora_a: jax.Array                   # (d_in, R)
+    lora_b: jax.Array                   # (R, d_out)
+    magnitude: jax.Array | None = None  # (d_out,) DoRA's m; None for plain LoRA
+    dropout_key: jax.Array | None = None  # set only inside the training loss, for adapter dropout
+    scale: float = 1.0                  # s: alpha / R, or alpha / sqrt(R)
+    dropout: float = 0.0                # probability of zeroing an adapter input
+    name: str = "default"               # which adapter this is, when several are stacked
+
+    @property
+    def shape(self):
+        return self.lora_a.shape[:1] + self.lora_b.shape[1:]
+
+    @property
+    def ndim(self):
+        return 2
+
+    @property
+    def dtype(self):
+        return self.lora_a.dtype
+
+    @property
+    def rank(self) -> int:
+        return self.lora_a.shape[1]
+
+    def delta(self) -> jax.Array:
+        """s · A B: (d_in, d_out), the change LoRA makes to W (before DoRA's rescaling)."""
+        return self.scale * (self.lora_a @ self.lora_b)
+
+    def merged(self) -> jax.Array:
+        """W' as one plain (d_in, d_out) matrix."""
+        base = self.base.merged() if isinstance(self.base, LoraWeight) else self.base
+        adapted = base + self.delta()
+        if self.magnitude is not None:
+            adapted = adapted * (self.magnitude / column_norm(adapted))
+        return adapted
+
+    def __rmatmul__(self, x: jax.Array) -> jax.Array:
+        """x (N, d_in) @ W' -> (N, d_out), as x @ W + s · (x @ A) @ B."""
+        x_adapter = x
+        if self.dropout_key is not None and self.dropout > 0:
+            keep = jax.random.bernoulli(self.dropout_key, 1 - self.dropout, x.shape)
+            x_adapter = jnp.where(keep, x / (1 - self.dropout), 0)
+        out = x @ self.base + self.scale * ((x_adapter @ self.lora_a) @ self.lora_b)  # (N, R) on the way
+        if self.magnitude is not None:
+            # The column norms need W + s·A B itself: DoRA cannot avoid forming it (Liu et al. §4.3).
+            out = out * (self.magnitude / column_norm(self.base + self.delta()))
+        return out
+
+    def __getitem__(self, ids) -> jax.Array:
+        """Rows of W' (an embedding lookup): W[ids] + s · A[ids] B."""
+        return self.base[ids] + self.scale * (self.lora_a[ids] @ self.lora_b)
+
+    @property
+    def T(self) -> LoraWeight:
+        """W'ᵀ = Wᵀ + s · Bᵀ Aᵀ: the same adapter, read the other way (the tied output projection)."""
+        if self.magnitude is not None:
+            raise ValueError("a DoRA weight has no transpose view")
+        return dataclasses.replace(self, base=self.base.T, lora_a=self.lora_b.T, lora_b=self.lora_a.T)
+
+
+jax.tree_util.register_dataclass(
+    LoraWeight, data_fields=["base", "lora_a", "lora_b", "magnitude", "dropout_key"],
+    meta_fields=["scale", "dropout", "name"])
