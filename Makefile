@@ -21,5 +21,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+bench: $(STAMP)
+	$(BIN)/python -m pytest benchmarks --benchmark-columns=median,rounds --benchmark-sort=name
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -151,3 +151,67 @@ def test_installed_command_fails_cleanly_without_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("minilm train: error: width = 10 is not divisible by heads = 4")
     assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("base") / "run"
+    assert main(["train", *SMALL, "--steps", "3", "--out", str(out)]) == 0
+    return out
+
+
+FT = ["--corpus", "arithmetic", "--corpus-size", "300", "--batch-size", "4", "--eval-batches", "2", "--steps", "3"]
+
+
+def test_lora_finetune_sample_and_merge_agree(capsys, tmp_path, base_run):
+    code, stdout, _ = run(capsys, "finetune", str(base_run), *FT, "--lora", "rank=2,alpha=4,targets=attn.q,attn.v",
+                          "--out", str(tmp_path / "ft"))
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "ft" / "adapter").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors"]
+    assert "blocks.0.attn.q.w" in stdout and "blocks.0.attn.v.w" in stdout
+    assert "trainable 128 of" in stdout  # 1 layer x 2 matrices x rank 2 x (16 + 16)
+    greedy = ["--prompt", "1+2=", "--max-new-tokens", "8", "--temperature", "0"]
+    code, with_adapter, _ = run(capsys, "sample", str(base_run), "--adapter", str(tmp_path / "ft" / "adapter"), *greedy)
+    assert code == 0
+    code, _, _ = run(capsys, "merge", str(base_run), str(tmp_path / "ft" / "adapter"), "--out", str(tmp_path / "m"))
+    assert code == 0
+    code, merged, _ = run(capsys, "sample", str(tmp_path / "m"), *greedy)
+    assert code == 0 and merged == with_adapter
+    code, _, err = run(capsys, "merge", str(base_run), str(tmp_path / "ft" / "adapter"), "--out", str(tmp_path / "m"))
+    assert code == 2 and "already exists" in err
+
+
+def test_full_finetune_writes_a_resumable_checkpoint(capsys, tmp_path, base_run):
+    out = tmp_path / "full"
+    assert main(["finetune", str(base_run), *FT, "--full", "--out", str(out)]) == 0
+    assert main(["train", "--out", str(out), "--resume", "--steps", "5"]) == 0
+    capsys.readouterr()
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4, 5]
+
+
+def test_finetune_bad_input(capsys, tmp_path, base_run):
+    cases = [
+        (["--full", "--lora", "rank=2"], "--full and --lora together"),
+        ([], "choose how to fine-tune"),
+        (["--lora", "rank=0"], "rank 0"),
+        (["--lora", "rank=17"], "rank 17 for blocks.0.attn.q is larger than min(d_in, d_out) = 16"),
+        (["--lora", "rank=2,targets=attn.x"], "'attn.x' matches no matrix; valid targets: all-linear, embed, attn.q"),
+        (["--lora", "rank=2,targets=embed,use_dora=true"], "DoRA is undefined on the tied embedding"),
+        (["--lora", "rank=2,colour=blue"], "unknown option 'colour'"),
+    ]
+    for extra, message in cases:
+        code, _, err = run(capsys, "finetune", str(base_run), *FT, *extra, "--out", str(tmp_path / "x"))
+        assert code == 2 and message in err, (extra, err)
+
+
+def test_adapter_on_a_different_base_is_refused(capsys, tmp_path, base_run):
+    assert main(["finetune", str(base_run), *FT, "--lora", "rank=2", "--out", str(tmp_path / "ft")]) == 0
+    other = tmp_path / "other"
+    assert main(["train", *SMALL, "--width", "24", "--steps", "1", "--out", str(other)]) == 0
+    capsys.readouterr()
+    code, _, err = run(capsys, "sample", str(other), "--adapter", str(tmp_path / "ft" / "adapter"))
+    assert code == 2 and "different base model (width: adapter 16 vs base 24)" in err
+    (tmp_path / "ft" / "adapter" / "adapter_config.json").write_text("{broken")
+    code, _, err = run(capsys, "sample", str(base_run), "--adapter", str(tmp_path / "ft" / "adapter"))
+    assert code == 2 and "adapter_config.json is not valid JSON" in err
