@@ -32,6 +32,7 @@ from minilm.checkpoint import write_text_atomic
 from minilm.config import ModelConfig, from_dict, to_dict
 from minilm.errors import MinilmError
 from minilm.model import forward
+from minilm.tokenizer import Tokenizer
 from minilm.train import cross_entropy
 from minilm.tree import combine, fill, named_leaves, partition, path_name
 
@@ -280,8 +281,10 @@ def format_summary(rows, total_params: int, optimizer_bytes: int) -> str:
 # ---------------------------------------------------------------- adapter files
 
 
-def save_adapter(path: Path, params, cfg: LoraConfig, model_cfg: ModelConfig) -> None:
-    """adapter_config.json (the LoRA config and the base's shape) + adapter_model.safetensors (what trains)."""
+def save_adapter(path: Path, params, cfg: LoraConfig, model_cfg: ModelConfig,
+                 tokenizer: Tokenizer | None = None) -> None:
+    """adapter_config.json (the LoRA config, the base's shape and vocabulary) + adapter_model.safetensors
+    (what trains)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     trainable, _ = split(params, cfg)
@@ -289,12 +292,16 @@ def save_adapter(path: Path, params, cfg: LoraConfig, model_cfg: ModelConfig) ->
     save_file({n: np.asarray(x) for n, x in named_leaves(trainable).items()}, tmp)
     tmp.replace(path / "adapter_model.safetensors")
     write_text_atomic(path / "adapter_config.json",
-                      json.dumps({"lora": cfg.to_json(), "base_model": to_dict(model_cfg)}, indent=1))
+                      json.dumps({"lora": cfg.to_json(), "base_model": to_dict(model_cfg),
+                                  "base_vocabulary": None if tokenizer is None else tokenizer.to_json()},
+                                 indent=1, ensure_ascii=False))
 
 
-def load_adapter(path: Path, base_params, base_cfg: ModelConfig, name: str | None = None):
+def load_adapter(path: Path, base_params, base_cfg: ModelConfig, name: str | None = None,
+                 tokenizer: Tokenizer | None = None):
     """Attach the adapter saved in `path` to `base_params` -> (params, LoraConfig). `name` renames it,
-    so that several adapters can be stacked on one base."""
+    so that several adapters can be stacked on one base. With `tokenizer`, the base's vocabulary must be
+    the one the adapter was trained with."""
     path = Path(path)
     config_path, arrays_path = path / "adapter_config.json", path / "adapter_model.safetensors"
     for f in (config_path, arrays_path):
@@ -314,6 +321,12 @@ def load_adapter(path: Path, base_params, base_cfg: ModelConfig, name: str | Non
         diff = "; ".join(f"{k}: adapter {v} vs base {getattr(base_cfg, k)}"
                          for k, v in to_dict(trained_on).items() if getattr(base_cfg, k) != v)
         raise MinilmError(f"the adapter in {path} was trained on a different base model ({diff})")
+    saved_vocab = data.get("base_vocabulary")
+    if tokenizer is not None and saved_vocab is not None and Tokenizer.from_json(saved_vocab) != tokenizer:
+        theirs = Tokenizer.from_json(saved_vocab).vocab
+        diff = [f"{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(theirs, tokenizer.vocab)) if a != b][:3]
+        raise MinilmError(f"the adapter in {path} was trained with another vocabulary of the same size "
+                          f"(token id adapter vs base: {', '.join(diff)}); use the base it was trained on")
     try:
         arrays = load_file(arrays_path)
     except (SafetensorError, OSError, ValueError) as e:

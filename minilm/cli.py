@@ -210,7 +210,7 @@ def cmd_finetune(args) -> int:
 
     def save(state):
         if lora_cfg:
-            lora.save_adapter(saved, combine(state.trainable, state.frozen), lora_cfg, model_cfg)
+            lora.save_adapter(saved, combine(state.trainable, state.frozen), lora_cfg, model_cfg, base.tokenizer)
         else:
             checkpoint.save_training(saved, state, model_cfg=model_cfg, train_cfg=train_cfg, data_cfg=data_cfg,
                                      tokenizer=base.tokenizer)
@@ -235,7 +235,7 @@ def cmd_merge(args) -> int:
         raise MinilmError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
     params, names = base.params, {}
     for i, path in enumerate(args.adapters):
-        params, cfg = lora.load_adapter(path, params, base.model_cfg, name=f"adapter{i}")
+        params, cfg = lora.load_adapter(path, params, base.model_cfg, name=f"adapter{i}", tokenizer=base.tokenizer)
         names[cfg.name] = weights[i]
     merged = lora.merge(params, names)
     checkpoint.save(out, params=merged, opt_state={}, model_cfg=base.model_cfg, train_cfg=base.train_cfg,
@@ -269,7 +269,7 @@ def cmd_sample(args) -> int:
     params = ckpt.params
     if args.adapter is not None:
         import lora
-        params, _ = lora.load_adapter(args.adapter, params, ckpt.model_cfg)
+        params, _ = lora.load_adapter(args.adapter, params, ckpt.model_cfg, tokenizer=ckpt.tokenizer)
     prompt = args.prompt if args.prompt is not None else "\n"
     ids = ckpt.tokenizer.encode(prompt)
     batch = np.tile(ids, (cfg.num_samples, 1))  # (num_samples, P)

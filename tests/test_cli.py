@@ -212,6 +212,14 @@ def test_adapter_on_a_different_base_is_refused(capsys, tmp_path, base_run):
     capsys.readouterr()
     code, _, err = run(capsys, "sample", str(other), "--adapter", str(tmp_path / "ft" / "adapter"))
     assert code == 2 and "different base model (width: adapter 16 vs base 24)" in err
+    text = tmp_path / "fourteen.txt"
+    text.write_text("abcdefghijklm\n" * 200)  # 14 characters, like arithmetic's vocabulary, but others
+    same_size = tmp_path / "same_size"
+    args = [a for a in SMALL if a not in ("--corpus", "arithmetic", "--corpus-size", "300")]
+    assert main(["train", *args, "--text", str(text), "--steps", "1", "--out", str(same_size)]) == 0
+    capsys.readouterr()
+    code, _, err = run(capsys, "sample", str(same_size), "--adapter", str(tmp_path / "ft" / "adapter"))
+    assert code == 2 and "another vocabulary of the same size" in err
     (tmp_path / "ft" / "adapter" / "adapter_config.json").write_text("{broken")
     code, _, err = run(capsys, "sample", str(base_run), "--adapter", str(tmp_path / "ft" / "adapter"))
     assert code == 2 and "adapter_config.json is not valid JSON" in err
