@@ -4,11 +4,11 @@ Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models" (arXiv 2106
 weight.py (the maths), then config.py (what to adapt), then adapter.py (attach, train, merge, save).
 """
 
-from lora.adapter import (attach, adapter_names, disable, format_summary, load_adapter, loss_fn, merge,
-                          save_adapter, sites, split, summary, unmerge, with_dropout)
+from lora.adapter import (adapter_names, attach, disable, format_summary, load_adapter, lora_weights, loss_fn,
+                          merge, save_adapter, sites, split, summary, unmerge, with_dropout)
 from lora.config import LoraConfig, parse_spec
 from lora.weight import LoraWeight
 
 __all__ = ["LoraConfig", "LoraWeight", "adapter_names", "attach", "disable", "format_summary", "load_adapter",
-           "loss_fn", "merge", "parse_spec", "save_adapter", "sites", "split", "summary", "unmerge",
+           "lora_weights", "loss_fn", "merge", "parse_spec", "save_adapter", "sites", "split", "summary", "unmerge",
            "with_dropout"]

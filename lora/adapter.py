@@ -137,6 +137,12 @@ def attach(params, cfg: LoraConfig, *, key: jax.Array):
     return params
 
 
+def lora_weights(params) -> dict[str, LoraWeight]:
+    """{name of the matrix, e.g. 'blocks.0.attn.q.w': its (outermost) LoraWeight}."""
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)[0]
+    return {path_name(p): w for p, w in flat if is_lora(w)}
+
+
 def adapter_names(params) -> list[str]:
     names = []
     for leaf in jax.tree.leaves(params, is_leaf=is_lora):
