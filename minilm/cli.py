@@ -254,6 +254,66 @@ def _floats(text: str, flag: str) -> list[float]:
         raise MinilmError(f"{flag} {text!r}: expected comma-separated numbers, e.g. {flag} 0.5,0.5") from None
 
 
+# ---------------------------------------------------------------- compare
+
+
+def _load_tuned(path: Path, base, used: set):
+    """A tuned model for `compare`: a checkpoint, or an adapter folder (merged onto the base)."""
+    import lora
+    from minilm import checkpoint
+    from minilm.analysis.compare import Model, check_comparable
+
+    path = Path(path)
+    adapter_dir = next((p for p in (path, path / "adapter") if (p / "adapter_config.json").is_file()), None)
+    name = path.name if path.name not in ("checkpoint", "adapter") else path.parent.name
+    while name in used or name == "base":
+        name += "'"
+    used.add(name)
+    if adapter_dir is None:
+        ckpt = checkpoint.load(path)
+        check_comparable(base.model_cfg, base.tokenizer, ckpt.model_cfg, ckpt.tokenizer, str(path))
+        return Model(name, ckpt.params)
+    params, _ = lora.load_adapter(adapter_dir, base.params, base.model_cfg, tokenizer=base.tokenizer)
+    adapters = {name: w.lora_a for name, w in lora.lora_weights(params).items()}
+    return Model(name, lora.merge(params), adapters)
+
+
+def cmd_compare(args) -> int:
+    from tqdm import tqdm
+
+    from minilm import checkpoint, report
+    from minilm.analysis.compare import Model, compare, make_probe
+    from minilm.corpora import load_corpus
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise MinilmError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+    base = checkpoint.load(args.base)
+    used: set = set()
+    tuned = [_load_tuned(p, base, used) for p in args.tuned]
+    corpus = None
+    if base.data_cfg.corpus is not None and not args.no_corpus_probe:
+        corpus = load_corpus(base.data_cfg.corpus, seed=base.train_cfg.seed, size=base.data_cfg.corpus_size)
+    words = [w for w in (args.words or "").split(",") if w]
+    probe = make_probe(base.tokenizer, base.model_cfg, corpus=corpus, words=words, sentences=args.probe or ())
+    if probe.missing:
+        print(f"not in the vocabulary, skipped: {', '.join(probe.missing)}", file=sys.stderr)
+    steps = 2 * len(tuned) + len([m for m in tuned if m.adapters]) ** 2 + 1
+    with tqdm(total=steps, desc="compare", unit="part") as bar:
+        def progress(what):
+            bar.set_postfix_str(what)
+            bar.update(1)
+
+        result = compare(Model("base", base.params), tuned, probe, base.tokenizer, base.model_cfg,
+                         k=args.top_k, epsilon=args.epsilon, progress=progress)
+        bar.set_postfix_str("report")
+        page = report.write(out, result, title=f"What changed: {base.path.parent.name} -> "
+                                                f"{', '.join(m.name for m in tuned)}")
+        bar.update(bar.total - bar.n)
+    print(f"report: {page}\nmetrics: {out / 'metrics.json'}")
+    return 0
+
+
 # ---------------------------------------------------------------- sample
 
 
@@ -347,6 +407,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", required=True, help="where to write the merged checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.set_defaults(func=cmd_merge)
+
+    p = commands.add_parser("compare", help="what changed: compare a base model with its tuned versions",
+                            description="Compare BASE with one or more TUNED models (checkpoints, or LoRA adapter "
+                                        "folders, merged onto BASE): which weights moved and how, how token and "
+                                        "hidden vectors rearranged, where attention now looks. Writes "
+                                        "OUT/report.html, OUT/metrics.json and OUT/figures/.")
+    p.add_argument("base", metavar="BASE", help="the model before fine-tuning")
+    p.add_argument("tuned", metavar="TUNED", nargs="+", help="fine-tuned checkpoints or adapter folders")
+    p.add_argument("--out", metavar="DIR", required=True, help="report folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--probe", metavar="TEXT", action="append",
+                   help="a probe sentence (repeatable); the base corpus's own probes are added")
+    p.add_argument("--words", metavar="W1,W2", help="extra tokens whose vectors to follow")
+    p.add_argument("--no-corpus-probe", action="store_true",
+                   help="do not add the base corpus's words, groups, pairs and text to the probe set")
+    p.add_argument("--top-k", type=int, default=10, help="singular vectors checked for intruders (default: 10)")
+    p.add_argument("--epsilon", type=float, default=0.5,
+                   help="intruder threshold on the best |cosine| with the base's singular vectors (default: 0.5)")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -1,0 +1,271 @@
+"""Compare a base model with its tuned versions: every number the report shows, in one JSON-ready dict.
+
+    weights    per matrix: how far it moved, its spectra, how low-rank the change is, intruder
+               dimensions, amplification, DoRA's magnitude/direction split (weights.py)
+    vectors    static token embeddings and per-layer contextual vectors of the probe words: cosines,
+               distances, neighbours; bound pairs vs controls; cluster scores per layer (geometry.py)
+    layers     base-vs-tuned similarity of hidden states, layer by layer: linear and debiased CKA
+    attention  per layer and head: Jensen–Shannon divergence of attention rows, entropy change
+    lens       the logit lens on a probe sentence: top predictions at every layer, before and after
+
+Tuned models arrive as plain parameter trees (a LoRA model merged first, so "what changed" is
+W' - W0 whichever way it was trained); adapters' A matrices may come along for the subspace
+similarity of Hu et al. §7.2. This module reads checkpoints' arrays only: it never imports `lora`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from minilm.analysis import attention as attention_lib
+from minilm.analysis import geometry, lens, weights
+from minilm.config import ModelConfig
+from minilm.corpora import Corpus
+from minilm.errors import MinilmError
+from minilm.model import forward
+from minilm.tokenizer import Tokenizer
+from minilm.tree import named_leaves
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str                 # shown in the report: "base", "full", "lora-r8", ...
+    params: dict              # plain arrays (a LoRA model merged)
+    adapters: dict = field(default_factory=dict)  # {matrix name: A (d_in, R)} for LoRA models
+
+
+@dataclass(frozen=True)
+class Probe:
+    words: tuple[str, ...]                      # tokens to follow, all in the vocabulary
+    missing: tuple[str, ...]                    # asked for but not in the vocabulary (reported, skipped)
+    groups: dict[str, tuple[str, ...]]          # labelled word groups (for cluster scores)
+    pairs: tuple[tuple[str, str], ...]          # pairs a fine-tuning corpus binds
+    controls: tuple[tuple[str, str], ...]       # pairs it never binds
+    sentences: tuple[str, ...]                  # for attention maps and the logit lens
+    windows: np.ndarray                         # (N, T) token ids: the contexts vectors are read in
+
+
+def make_probe(tokenizer: Tokenizer, cfg: ModelConfig, *, corpus: Corpus | None = None, words=(),
+               sentences=(), max_windows: int = 16) -> Probe:
+    """The probe set: the corpus's ground truth (groups, pairs, probe sentences) plus what is asked for.
+
+    Contexts are windows cut from the corpus text (or, without a corpus, from the sentences).
+    """
+    groups = {k: tuple(v) for k, v in (corpus.groups.items() if corpus else ())}
+    asked = list(dict.fromkeys([*words, *(w for g in groups.values() for w in g),
+                                *(w for p in (corpus.pairs + corpus.controls if corpus else ()) for w in p)]))
+    known = [w for w in asked if w in tokenizer.index]
+    missing = tuple(w for w in asked if w not in tokenizer.index)
+    sentences = tuple(s for s in [*sentences, *(corpus.probes if corpus else ())]
+                      if all(t in tokenizer.index for t in tokenizer.tokens(s)))
+    if not known and not sentences:
+        raise MinilmError("the probe set is empty: none of the words or sentences is in the vocabulary; "
+                          "pass --words or --probe text made of the model's tokens")
+    text = corpus.text if corpus else "\n".join(sentences)
+    ids = tokenizer.encode(text)
+    T = cfg.context
+    if len(ids) < T:
+        ids = np.resize(ids, T)  # a short probe text repeats to fill one window
+    n = min(max_windows, len(ids) // T)
+    windows = ids[: n * T].reshape(n, T)  # (N, T)
+    keep = lambda g: tuple(w for w in g if w in tokenizer.index)  # noqa: E731
+    return Probe(tuple(known), missing, {k: keep(v) for k, v in groups.items() if len(keep(v)) >= 2},
+                 tuple(p for p in (corpus.pairs if corpus else ()) if all(w in tokenizer.index for w in p)),
+                 tuple(p for p in (corpus.controls if corpus else ()) if all(w in tokenizer.index for w in p)),
+                 sentences, windows)
+
+
+def check_comparable(base_cfg: ModelConfig, base_tok: Tokenizer, cfg: ModelConfig, tok: Tokenizer, name: str):
+    if cfg != base_cfg:
+        diff = ", ".join(f"{k}: {getattr(base_cfg, k)} vs {getattr(cfg, k)}" for k in base_cfg.__dataclass_fields__
+                         if getattr(base_cfg, k) != getattr(cfg, k))
+        raise MinilmError(f"cannot compare {name} with the base: the models differ in shape ({diff})")
+    if tok != base_tok:
+        raise MinilmError(f"cannot compare {name} with the base: their vocabularies differ")
+
+
+# ---------------------------------------------------------------- weights
+
+
+def compare_weights(base: dict, tuned: dict, *, k: int = 10, epsilon: float = 0.5) -> dict:
+    """{matrix name: weights.weight_report} plus change stats for every vector (biases, LayerNorms)."""
+    out = {}
+    tuned_leaves = named_leaves(tuned)
+    for name, w0 in named_leaves(base).items():
+        w = tuned_leaves[name]
+        out[name] = (weights.weight_report(w0, w, k=k, epsilon=epsilon) if np.ndim(w0) == 2
+                     else weights.change_stats(w0, w))
+    return out
+
+
+def adapter_similarity(a1: dict, a2: dict) -> dict:
+    """φ(i, j) grids (Hu et al. §7.2) for every matrix both adapters adapt, with the random baseline."""
+    out = {}
+    for name in sorted(set(a1) & set(a2)):
+        u1, u2 = weights.adapter_directions(a1[name]), weights.adapter_directions(a2[name])
+        grid = weights.subspace_similarity(u1, u2)
+        d = u1.shape[0]
+        baseline = [[weights.random_subspace_baseline(i + 1, j + 1, d) for j in range(grid.shape[1])]
+                    for i in range(grid.shape[0])]
+        out[name] = {"phi": grid.tolist(), "random_baseline": baseline}
+    return out
+
+
+# ---------------------------------------------------------------- vectors
+
+
+def _states(params, windows, cfg):
+    """Hidden states at every layer boundary (L+1, N, T, D), attention (L, N, H, T, T), lens logits."""
+    logits, trace = forward(params, windows, cfg, trace=True)
+    states = np.concatenate([np.asarray(trace["resid_pre"][:1]), np.asarray(trace["resid_post"])])
+    return states, np.asarray(trace["attn_probs"]), trace
+
+
+def word_vectors(states: np.ndarray, windows: np.ndarray, ids: list[int]) -> np.ndarray:
+    """Per layer, each word's hidden state averaged over all its occurrences: (L+1, W, D); NaN if absent."""
+    out = np.full((states.shape[0], len(ids), states.shape[-1]), np.nan)
+    for j, i in enumerate(ids):
+        where = windows == i  # (N, T)
+        if where.any():
+            out[:, j] = states[:, where].mean(axis=1)
+    return out
+
+
+def _geometry(x: np.ndarray, probe: Probe, words: list[str]) -> dict:
+    """Pairs, controls and cluster scores of one set of word vectors x (W, D)."""
+    present = [w for w, row in zip(words, x) if not np.isnan(row).any()]
+    rows = np.array([x[words.index(w)] for w in present])
+    out = {"pairs": geometry.pair_report(rows, present, probe.pairs),
+           "controls": geometry.pair_report(rows, present, probe.controls)}
+    labelled = [(w, g) for g, members in probe.groups.items() for w in members if w in present]
+    sizes = [sum(1 for _, g in labelled if g == group) for group in probe.groups]
+    if sum(1 for n in sizes if n) >= 2 and max(sizes) >= 2:  # two groups present, one with a pair at least
+        xs = np.array([rows[present.index(w)] for w, _ in labelled])
+        labels = [g for _, g in labelled]
+        out["silhouette"] = geometry.silhouette(xs, labels)
+        out["within_between"] = geometry.within_between_ratio(xs, labels)
+    return out
+
+
+def compare_vectors(base: Model, tuned: Model, probe: Probe, tokenizer: Tokenizer, cfg: ModelConfig,
+                    base_run=None) -> dict:
+    """Static embeddings, contextual vectors per layer, CKA, attention and logit lens, base vs tuned."""
+    words = list(probe.words)
+    ids = [tokenizer.index[w] for w in words]
+    b_states, b_attn, b_trace = base_run or _states(base.params, probe.windows, cfg)
+    t_states, t_attn, t_trace = _states(tuned.params, probe.windows, cfg)
+    static_b = np.asarray(base.params["embed"]["tok"])[ids]
+    static_t = np.asarray(tuned.params["embed"]["tok"])[ids]
+    out = {"static": {
+        "cosine_base": geometry.cosine_matrix(static_b).tolist(),
+        "cosine_tuned": geometry.cosine_matrix(static_t).tolist(),
+        "max_abs_change": float(np.max(np.abs(static_t - static_b))) if ids else 0.0,
+        "neighbours_base": geometry.nearest_neighbours(np.asarray(base.params["embed"]["tok"]), tokenizer.vocab, k=5),
+        "neighbours_tuned": geometry.nearest_neighbours(np.asarray(tuned.params["embed"]["tok"]), tokenizer.vocab,
+                                                        k=5),
+        "base": _geometry(static_b, probe, words), "tuned": _geometry(static_t, probe, words)}}
+    ctx_b, ctx_t = word_vectors(b_states, probe.windows, ids), word_vectors(t_states, probe.windows, ids)
+    out["contextual"] = [{"layer": layer, "base": _geometry(ctx_b[layer], probe, words),
+                          "tuned": _geometry(ctx_t[layer], probe, words),
+                          "mean_shift": float(np.nanmean(np.linalg.norm(ctx_t[layer] - ctx_b[layer], axis=-1)))}
+                         for layer in range(ctx_b.shape[0])]
+    flat_b = [s.reshape(-1, s.shape[-1]) for s in b_states]  # per layer (N·T, D)
+    flat_t = [s.reshape(-1, s.shape[-1]) for s in t_states]
+    out["cka"] = {"linear": geometry.cka_matrix(flat_b, flat_t).tolist(),
+                  "debiased": geometry.cka_matrix(flat_b, flat_t, debiased=True).tolist()}
+    change = attention_lib.attention_change(b_attn, t_attn)
+    out["attention"] = {k: np.asarray(v).tolist() for k, v in change.items()}
+    if probe.sentences:
+        sentence = np.asarray(tokenizer.encode(probe.sentences[0]))[None, : cfg.context]
+        out["lens"] = {"sentence": probe.sentences[0], "base": _lens(base.params, sentence, tokenizer, cfg),
+                       "tuned": _lens(tuned.params, sentence, tokenizer, cfg)}
+    return out
+
+
+def _lens(params, tokens, tokenizer, cfg):
+    _, trace = forward(params, tokens, cfg, trace=True)
+    logits = lens.logit_lens(params, trace, cfg)
+    return {"top": lens.top_predictions(logits, tokenizer, position=tokens.shape[1] - 1, k=3),
+            "attention": np.asarray(trace["attn_probs"][:, 0]).tolist()}  # (L, H, T, T)
+
+
+def compare(base: Model, tuned: list[Model], probe: Probe, tokenizer: Tokenizer, cfg: ModelConfig, *,
+            k: int = 10, epsilon: float = 0.5, progress=lambda what: None) -> dict:
+    """Everything, for every tuned model against the base. `progress(what)` is called before each part."""
+    names = [m.name for m in tuned]
+    if len(set(names)) != len(names) or "base" in names:
+        raise MinilmError(f"tuned models need distinct names other than 'base'; got {names}")
+    result = {"models": names, "probe": {"words": list(probe.words), "missing": list(probe.missing),
+                                         "groups": {g: list(v) for g, v in probe.groups.items()},
+                                         "pairs": [list(p) for p in probe.pairs],
+                                         "controls": [list(p) for p in probe.controls],
+                                         "sentences": list(probe.sentences), "windows": list(probe.windows.shape)},
+              "weights": {}, "vectors": {}, "adapters": {}}
+    base_run = _states(base.params, probe.windows, cfg)
+    for model in tuned:
+        progress(f"weights of {model.name}")
+        result["weights"][model.name] = compare_weights(base.params, model.params, k=k, epsilon=epsilon)
+        progress(f"vectors of {model.name}")
+        result["vectors"][model.name] = compare_vectors(base, model, probe, tokenizer, cfg, base_run)
+    with_adapters = [m for m in tuned if m.adapters]
+    for i, m1 in enumerate(with_adapters):
+        for m2 in with_adapters[i + 1:]:
+            progress(f"subspaces of {m1.name} and {m2.name}")
+            result["adapters"][f"{m1.name} vs {m2.name}"] = adapter_similarity(m1.adapters, m2.adapters)
+    result["summary"] = summarise(result)
+    return result
+
+
+# ---------------------------------------------------------------- the plain-language summary
+
+
+def _mean_cos(rows) -> float:
+    return float(np.mean([r["cosine"] for r in rows])) if rows else float("nan")
+
+
+def summarise(result: dict) -> dict[str, list[str]]:
+    """Per tuned model, a few sentences computed from the numbers (nothing here is hard-coded)."""
+    out = {}
+    for model in result["models"]:
+        lines = []
+        w = result["weights"][model]
+        matrices = {n: r for n, r in w.items() if "energy_rank_delta" in r}
+        changed = {n: r for n, r in matrices.items() if r["fro"] > 0}
+        still = sum(1 for r in w.values() if r["fro"] == 0)
+        if not changed:
+            lines.append("No weight matrix changed.")
+        else:
+            top = sorted(changed, key=lambda n: -changed[n]["relative"])[:3]
+            lines.append("Moved most (relative change ||ΔW||/||W0||): " + ", ".join(
+                f"{n} ({100 * changed[n]['relative']:.1f}%)" for n in top)
+                + f". {still} of {len(w)} tensors are exactly unchanged.")
+            fractions = [r["energy_rank_delta"] / min(r["shape"]) for r in changed.values()]
+            median_rank = float(np.median([r["energy_rank_delta"] for r in changed.values()]))
+            lines.append(f"The change is {'low-rank' if np.median(fractions) < 0.25 else 'spread over many directions'}: "
+                         f"the median matrix needs {median_rank:g} directions for 90% of ||ΔW||² "
+                         f"({100 * np.median(fractions):.0f}% of its full rank).")
+            intruders = {n: r["intruder_count"] for n, r in changed.items() if r["intruder_count"]}
+            lines.append(f"{sum(intruders.values())} intruder dimension(s) appeared"
+                         + (f", in {', '.join(sorted(intruders))}." if intruders else "."))
+        v = result["vectors"][model]
+        static = v["static"]
+        lines.append("Static token embeddings are bit-identical to the base." if static["max_abs_change"] == 0
+                     else f"Static token embeddings changed (largest |Δ| {static['max_abs_change']:.3g}).")
+        last = v["contextual"][-1]
+        if last["base"]["pairs"]:
+            d_pairs = _mean_cos(last["tuned"]["pairs"]) - _mean_cos(last["base"]["pairs"])
+            d_ctrl = _mean_cos(last["tuned"]["controls"]) - _mean_cos(last["base"]["controls"])
+            lines.append(f"At the last layer, bound pairs' cosine changed by {d_pairs:+.3f} on average, "
+                         f"control pairs' by {d_ctrl:+.3f}: bound pairs moved "
+                         f"{'closer than' if d_pairs > d_ctrl else 'no closer than'} the controls.")
+        if "silhouette" in last["base"]:
+            lines.append(f"Word-group silhouette at the last layer: {last['base']['silhouette']:.3f} -> "
+                         f"{last['tuned']['silhouette']:.3f}.")
+        js = np.asarray(v["attention"]["js"])  # (L, H)
+        layer, head = np.unravel_index(np.argmax(js), js.shape)
+        lines.append(f"Attention changed most in layer {layer} head {head} (Jensen-Shannon {js.max():.3f} nats; "
+                     f"mean over heads {js.mean():.3f}).")
+        out[model] = lines
+    return out
