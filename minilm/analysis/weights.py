@@ -247,6 +247,8 @@ def magnitude_direction(w0, w) -> tuple[float, float]:
     dots = np.sum(w0 * w, axis=0)                                   # (d_out,)
     with np.errstate(divide="ignore", invalid="ignore"):
         cos = np.where(m0 * m > 0, dots / (m0 * m), np.where((m0 == 0) & (m == 0), 1.0, 0.0))
+    # An unchanged column has cos exactly 1; rounding in dots / (m0·m) must not say otherwise.
+    cos = np.where(np.all(w0 == w, axis=0), 1.0, np.clip(cos, -1.0, 1.0))
     return float(np.mean(np.abs(m - m0))), float(np.mean(1.0 - cos))
 
 
