@@ -29,6 +29,9 @@ from minilm.tokenizer import Tokenizer
 from minilm.tree import named_leaves
 
 
+MAX_CKA_ROWS = 1024
+
+
 @dataclass(frozen=True)
 class Model:
     name: str                 # shown in the report: "base", "full", "lora-r8", ...
@@ -48,10 +51,11 @@ class Probe:
 
 
 def make_probe(tokenizer: Tokenizer, cfg: ModelConfig, *, corpus: Corpus | None = None, words=(),
-               sentences=(), max_windows: int = 16) -> Probe:
+               sentences=(), max_tokens: int = 2048) -> Probe:
     """The probe set: the corpus's ground truth (groups, pairs, probe sentences) plus what is asked for.
 
-    Contexts are windows cut from the corpus text (or, without a corpus, from the sentences).
+    Contexts are windows cut from the corpus text (or, without a corpus, from the sentences), at most
+    `max_tokens` tokens in all: traces hold (L, N, H, T, T) attention, which grows fast with T.
     """
     groups = {k: tuple(v) for k, v in (corpus.groups.items() if corpus else ())}
     asked = list(dict.fromkeys([*words, *(w for g in groups.values() for w in g),
@@ -68,7 +72,7 @@ def make_probe(tokenizer: Tokenizer, cfg: ModelConfig, *, corpus: Corpus | None 
     T = cfg.context
     if len(ids) < T:
         ids = np.resize(ids, T)  # a short probe text repeats to fill one window
-    n = min(max_windows, len(ids) // T)
+    n = max(1, min(max_tokens // T, len(ids) // T))
     windows = ids[: n * T].reshape(n, T)  # (N, T)
     keep = lambda g: tuple(w for w in g if w in tokenizer.index)  # noqa: E731
     return Probe(tuple(known), missing, {k: keep(v) for k, v in groups.items() if len(keep(v)) >= 2},
@@ -171,8 +175,12 @@ def compare_vectors(base: Model, tuned: Model, probe: Probe, tokenizer: Tokenize
                           "tuned": _geometry(ctx_t[layer], probe, words),
                           "mean_shift": float(np.nanmean(np.linalg.norm(ctx_t[layer] - ctx_b[layer], axis=-1)))}
                          for layer in range(ctx_b.shape[0])]
-    flat_b = [s.reshape(-1, s.shape[-1]) for s in b_states]  # per layer (N·T, D)
-    flat_t = [s.reshape(-1, s.shape[-1]) for s in t_states]
+    # CKA compares the same token positions in both models. Debiased CKA builds (n, n) Gram matrices,
+    # so at most MAX_CKA_ROWS evenly spaced positions take part.
+    n = b_states.shape[1] * b_states.shape[2]
+    rows = np.linspace(0, n - 1, min(n, MAX_CKA_ROWS)).astype(int)
+    flat_b = [s.reshape(n, -1)[rows] for s in b_states]  # per layer (n', D)
+    flat_t = [s.reshape(n, -1)[rows] for s in t_states]
     out["cka"] = {"linear": geometry.cka_matrix(flat_b, flat_t).tolist(),
                   "debiased": geometry.cka_matrix(flat_b, flat_t, debiased=True).tolist()}
     change = attention_lib.attention_change(b_attn, t_attn)

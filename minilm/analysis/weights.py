@@ -20,11 +20,30 @@ float32 matrix would otherwise drown in rounding. Any array-like (including a ja
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
+
 import numpy as np
 
 from minilm.errors import MinilmError
 
 DEFAULT_EPSILONS = tuple(round(0.1 * i, 1) for i in range(1, 10))  # 0.1, 0.2, ..., 0.9
+_SVD_CACHE: OrderedDict = OrderedDict()
+
+
+def svd(w: np.ndarray):
+    """Thin SVD w = u diag(s) vt, remembered for the last few matrices seen.
+
+    A report asks for the decomposition of the same W0, W and ΔW many times (spectra, intruders,
+    amplification, one tuned model after another); each is computed once. Keyed by content.
+    """
+    key = (w.shape, hashlib.blake2b(np.ascontiguousarray(w).view(np.uint8)).digest())
+    if key not in _SVD_CACHE:
+        _SVD_CACHE[key] = np.linalg.svd(w, full_matrices=False)
+        while len(_SVD_CACHE) > 8:
+            _SVD_CACHE.popitem(last=False)
+    _SVD_CACHE.move_to_end(key)
+    return _SVD_CACHE[key]
 
 
 def _matrix(w, name: str = "w") -> np.ndarray:
@@ -54,7 +73,7 @@ def _spectrum(s) -> np.ndarray:
 
 def singular_values(w) -> np.ndarray:
     """σ1 >= σ2 >= ... >= σN >= 0 of W (d_in, d_out) -> (N,)."""
-    return np.linalg.svd(_matrix(w), compute_uv=False)
+    return svd(_matrix(w))[1]
 
 
 def stable_rank(s) -> float:
@@ -115,7 +134,7 @@ def change_stats(w0, w) -> dict:
 
 def _singular_vectors(w: np.ndarray, side: str) -> np.ndarray:
     """Unit singular vectors as rows, in descending σ order: (N, d_out) for "output", (N, d_in) for "input"."""
-    u, _, vt = np.linalg.svd(w, full_matrices=False)  # u (d_in, N), vt (N, d_out)
+    u, _, vt = svd(w)  # u (d_in, N), vt (N, d_out)
     if side == "output":
         return vt
     if side == "input":
@@ -188,8 +207,8 @@ def amplification(w0, delta, rank: int, *, seed: int = 0) -> dict:
     def onto(u, v):  # u (d_in, r), v (d_out, r) -> ||Uᵀ W0 V||_F of the (r, r) matrix
         return float(np.linalg.norm(u.T @ w0 @ v))
 
-    u, _, vt = np.linalg.svd(delta, full_matrices=False)
-    u0, _, vt0 = np.linalg.svd(w0, full_matrices=False)
+    u, _, vt = svd(delta)
+    u0, _, vt0 = svd(w0)
     rng = np.random.default_rng(seed)
     delta_fro = float(np.linalg.norm(delta))
     onto_delta = onto(u[:, :rank], vt[:rank].T)
