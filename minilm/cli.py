@@ -132,7 +132,7 @@ def fit(state, data, model_cfg, train_cfg, out: Path, save, *, resume: bool, sav
     print(f"training {size(state.trainable):,} parameters on {len(data.train):,} tokens "
           f"(vocabulary {data.tokenizer.size}) -> {out}", file=sys.stderr)
     bar = tqdm(total=train_cfg.steps, initial=state.step, unit="step", desc="train", dynamic_ncols=True)
-    first_step, clock, eval_loss = state.step, None, float("nan")
+    first_step, step_seconds, eval_loss = state.step, 0.0, float("nan")
     stop = []
 
     def request_stop(*_):  # Ctrl-C: finish this step, save, exit. A second Ctrl-C interrupts at once.
@@ -143,11 +143,9 @@ def fit(state, data, model_cfg, train_cfg, out: Path, save, *, resume: bool, sav
     try:
         with metrics_path.open("a") as log:
             for state, metrics in train.run(state, data, model_cfg, train_cfg, loss or train.loss_fn):
-                if clock is None:  # the first step includes compilation: time from after it
-                    clock = time.perf_counter()
-                elif state.step > first_step + 1:
-                    metrics["tokens_per_s"] = tokens_per_step * (state.step - first_step - 1) / (
-                        time.perf_counter() - clock)
+                if state.step > first_step + 1:  # the first step of a process includes compilation
+                    step_seconds += metrics["step_seconds"]
+                    metrics["tokens_per_s"] = tokens_per_step * (state.step - first_step - 1) / step_seconds
                 eval_loss = metrics.get("eval_loss", eval_loss)
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()

@@ -16,6 +16,7 @@ clipping of the global gradient norm, and accumulation of several micro-batches 
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass, replace
 from typing import Iterator
 
@@ -129,7 +130,8 @@ def run(state: TrainState, data: data_lib.Dataset, model_cfg: ModelConfig, train
         loss=loss_fn) -> Iterator[tuple[TrainState, dict]]:
     """Train from `state` to `train_cfg.steps`, yielding (state, metrics) after every step.
 
-    Metrics: step, loss (this step's training loss), lr, and eval_loss on the held-out text every
+    Metrics: step, loss (this step's training loss), lr, step_seconds (the step alone: no batching or
+    evaluation; the first includes compilation), and eval_loss on the held-out text every
     `eval_every` steps and at the last step. The caller decides what to print and when to save;
     stopping the iteration early and resuming from the yielded state continues bit-identically.
     """
@@ -142,9 +144,10 @@ def run(state: TrainState, data: data_lib.Dataset, model_cfg: ModelConfig, train
                                     context=T)
     while state.step < train_cfg.steps:
         windows = data_lib.batches(train_ids, state.data_key, state.data_cursor, count=A, batch_size=B, context=T)
+        started = time.perf_counter()
         trainable, opt_state, out = step_fn(state.trainable, state.frozen, state.opt_state, windows, state.step_key)
         metrics = {"step": state.step + 1, "loss": float(out["loss"]), "grad_norm": float(out["grad_norm"]),
-                   "lr": float(lr(state.step))}
+                   "lr": float(lr(state.step)), "step_seconds": time.perf_counter() - started}
         state = replace(state, trainable=trainable, opt_state=opt_state, step=state.step + 1,
                         data_cursor=state.data_cursor + A)
         if state.step % train_cfg.eval_every == 0 or state.step == train_cfg.steps:
