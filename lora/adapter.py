@@ -162,14 +162,26 @@ def trainable_names(params, cfg: LoraConfig) -> set[str]:
                 names |= {f"{prefix}.{k}" for k in ADAPTER_LEAVES if getattr(leaf, k) is not None}
             leaf, prefix = leaf.base, prefix + ".base"
     adapted_modules = {n.split(".w.")[0] for n in names}
+    adapted = {path_name(p) for p, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)[0]
+               if is_lora(leaf)}  # 'blocks.0.attn.q.w', 'embed.tok': matrices that carry an adapter
+    saved = set()
     for name in named_leaves(params):
-        module = name.rsplit(".", 1)[0]
+        # an adapted matrix's leaves (…q.w.base, …q.w.lora_a) answer to the matrix's own name (…q.w)
+        tensor = next((a for a in adapted if name.startswith(a + ".")), name)
+        module = tensor.rsplit(".", 1)[0]
         if name.endswith(".b") and (cfg.bias == "all" or (cfg.bias == "lora_only" and module in adapted_modules)):
             names.add(name)
-        if any(matches(p, module) or matches(p, name) or name.startswith(p + ".") for p in cfg.modules_to_save):
-            if ".w." in name or name == "embed.tok" and is_lora(params["embed"]["tok"]):
-                raise MinilmError(f"modules_to_save names {module}, which has an adapter; train one or the other")
+        hits = {p for p in cfg.modules_to_save
+                if matches(p, module) or matches(p, tensor) or tensor.startswith(p + ".")}
+        if hits:
+            if tensor in adapted:
+                raise MinilmError(f"modules_to_save names {tensor}, which has an adapter; train one or the other")
             names.add(name)
+            saved |= hits
+    unmatched = [p for p in cfg.modules_to_save if p not in saved]
+    if unmatched:
+        raise MinilmError(f"modules_to_save {unmatched} match no parameter; name modules such as ln_f, embed.pos, "
+                          f"blocks.*.ln1 or blocks.0.mlp.fc")
     return names
 
 
