@@ -203,7 +203,7 @@ def _png(fig: Figure, path: Path) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _table(header, rows) -> str:
+def html_table(header, rows) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
@@ -220,7 +220,7 @@ def _weights_table(result, model) -> str:
              w[n]["energy_rank_delta"], _fmt(w[n]["effective_rank_delta"]), w[n]["intruder_count"],
              _fmt(w[n]["amplification_factor"]), _fmt(w[n]["delta_magnitude"]), _fmt(w[n]["delta_direction"]))
             for n in names]
-    return _table(["matrix", "shape", "relative Δ", "||ΔW||_F", "energy rank ΔW", "effective rank ΔW",
+    return html_table(["matrix", "shape", "relative Δ", "||ΔW||_F", "energy rank ΔW", "effective rank ΔW",
                    "intruders", "amplification", "ΔM", "ΔD"], rows)
 
 
@@ -232,7 +232,7 @@ def _pairs_table(result, model) -> str:
             for before, after in zip(part["base"][kind], part["tuned"][kind]):
                 rows.append((label, kind[:-1], f"{before['a']}–{before['b']}", _fmt(before["cosine"]),
                              _fmt(after["cosine"]), _fmt(after["cosine"] - before["cosine"])))
-    return _table(["where", "kind", "pair", "cosine before", "cosine after", "change"], rows) if rows else ""
+    return html_table(["where", "kind", "pair", "cosine before", "cosine after", "change"], rows) if rows else ""
 
 
 def _lens_table(result, model) -> str:
@@ -244,7 +244,7 @@ def _lens_table(result, model) -> str:
         show = lambda preds: ", ".join(f"{t!r} {p:.2f}" for t, p in preds)  # noqa: E731
         rows.append((layer, show(before), show(after)))
     return (f"<p>Next-token predictions read off every layer (logit lens) after "
-            f"<code>{html.escape(lens['sentence'])}</code>:</p>" + _table(["layer", "base", model], rows))
+            f"<code>{html.escape(lens['sentence'])}</code>:</p>" + html_table(["layer", "base", model], rows))
 
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -253,49 +253,32 @@ th{background:#f3f3f3}img{max-width:100%}li{margin:.25em 0}code{background:#f3f3
 details{margin:.5em 0 1em}summary{cursor:pointer;font-weight:600}"""
 
 
-def write(out: Path, result: dict, *, title: str) -> Path:
-    """Write report.html, metrics.json and figures/ into `out` (replacing it whole); returns the page."""
+def write_page(out: Path, title: str, blocks, metrics: dict) -> Path:
+    """A report folder: report.html from `blocks`, metrics.json, figures/*.png; replaces `out` whole.
+
+    blocks: (heading or None, content) pairs; content is HTML, a matplotlib Figure (saved and embedded)
+    or None (skipped). Figures are named after their headings' order: figures/01.png, 02.png, ...
+    """
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "figures").mkdir(parents=True)
-    figures = [("relative_change", "Which matrices moved, relative to their size", fig_relative_change(result)),
-               ("spectra", "Singular values of each change, and how much of it a rank-k part holds",
-                fig_spectra(result)),
-               ("intruders", "Intruder dimensions against the threshold ε, and magnitude vs direction change",
-                fig_intruders(result)),
-               ("pairs_clusters", "Bound pairs vs controls, and word-group clusters, layer by layer",
-                fig_pairs_and_clusters(result)),
-               ("cka", "How similar base and tuned hidden states are, layer by layer", fig_cka(result)),
-               ("attention_js", "How far each head's attention moved", fig_attention_js(result)),
-               ("attention_maps", "Attention on a probe sentence, before and after", fig_attention_maps(result)),
-               ("adapter_subspaces", "Do two adapters learn the same directions? (Hu et al. §7.2)",
-                fig_adapter_subspaces(result))]
-    parts = [f"<h1>{html.escape(title)}</h1>", "<h2>Summary</h2>"]
-    for model, lines in result["summary"].items():
-        parts.append(f"<h3>{html.escape(model)}</h3><ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in lines)
-                     + "</ul>")
-    probe = result["probe"]
-    parts.append(f"<p>Probe: {len(probe['words'])} words, {probe['windows'][0]} context windows of "
-                 f"{probe['windows'][1]} tokens, {len(probe['sentences'])} sentences.")
-    if probe["missing"]:
-        parts.append(f" Not in the vocabulary, skipped: {html.escape(', '.join(probe['missing']))}.")
-    parts.append("</p>")
-    for name, caption, fig in figures:
-        if fig is None:
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    for heading, content in blocks:
+        if content is None:
             continue
-        data = _png(fig, tmp / "figures" / f"{name}.png")
-        parts.append(f"<h2>{html.escape(caption)}</h2><img alt='{name}' src='data:image/png;base64,{data}'>")
-    for model in result["models"]:
-        parts.append(f"<h2>Details: {html.escape(model)}</h2>")
-        parts.append(f"<details open><summary>weight matrices, most moved first</summary>"
-                     f"{_weights_table(result, model)}</details>")
-        parts.append(f"<details><summary>pairs and controls</summary>{_pairs_table(result, model)}</details>")
-        parts.append(_lens_table(result, model))
+        if heading:
+            parts.append(f"<h2>{html.escape(heading)}</h2>")
+        if isinstance(content, tuple):  # (file name, Figure)
+            name, fig = content
+            data = _png(fig, tmp / "figures" / f"{name}.png")
+            parts.append(f"<img alt='{html.escape(name)}' src='data:image/png;base64,{data}'>")
+        else:
+            parts.append(content)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
     (tmp / "report.html").write_text(page, encoding="utf-8")
-    (tmp / "metrics.json").write_text(json.dumps(finite(result), allow_nan=False), encoding="utf-8")
+    (tmp / "metrics.json").write_text(json.dumps(finite(metrics), allow_nan=False), encoding="utf-8")
     old = out.with_name(out.name + ".old")
     if out.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -303,3 +286,41 @@ def write(out: Path, result: dict, *, title: str) -> Path:
     tmp.rename(out)
     shutil.rmtree(old, ignore_errors=True)
     return out / "report.html"
+
+
+def comparison_blocks(result: dict) -> list:
+    """The blocks of a comparison report: summary, figures, then per-model details."""
+    summary = "".join(f"<h3>{html.escape(model)}</h3><ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in lines)
+                      + "</ul>" for model, lines in result["summary"].items())
+    probe = result["probe"]
+    note = (f"<p>Probe: {len(probe['words'])} words, {probe['windows'][0]} context windows of "
+            f"{probe['windows'][1]} tokens, {len(probe['sentences'])} sentences."
+            + (f" Not in the vocabulary, skipped: {html.escape(', '.join(probe['missing']))}." if probe["missing"]
+               else "") + "</p>")
+    blocks = [("Summary", summary + note)]
+    figures = [("relative_change", "Which matrices moved, relative to their size", fig_relative_change),
+               ("spectra", "Singular values of each change, and how much of it a rank-k part holds", fig_spectra),
+               ("intruders", "Intruder dimensions against the threshold ε, and magnitude vs direction change",
+                fig_intruders),
+               ("pairs_clusters", "Bound pairs vs controls, and word-group clusters, layer by layer",
+                fig_pairs_and_clusters),
+               ("cka", "How similar base and tuned hidden states are, layer by layer", fig_cka),
+               ("attention_js", "How far each head's attention moved", fig_attention_js),
+               ("attention_maps", "Attention on a probe sentence, before and after", fig_attention_maps),
+               ("adapter_subspaces", "Do two adapters learn the same directions? (Hu et al. §7.2)",
+                fig_adapter_subspaces)]
+    for name, caption, make in figures:
+        fig = make(result)
+        blocks.append((caption, None if fig is None else (name, fig)))
+    for model in result["models"]:
+        blocks.append((f"Details: {model}",
+                       f"<details open><summary>weight matrices, most moved first</summary>"
+                       f"{_weights_table(result, model)}</details>"
+                       f"<details><summary>pairs and controls</summary>{_pairs_table(result, model)}</details>"
+                       + _lens_table(result, model)))
+    return blocks
+
+
+def write(out: Path, result: dict, *, title: str, extra=()) -> Path:
+    """The comparison report of `compare`'s result, with `extra` blocks at the end."""
+    return write_page(out, title, [*comparison_blocks(result), *extra], result)
