@@ -1,0 +1,134 @@
+"""What every experiment does: pretrain a base, fine-tune copies of it, measure losses, write a report.
+
+The experiments call the library directly (no subprocesses), show one progress bar per training run,
+and keep everything in memory; each writes its own folder with report.html and metrics.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+import lora
+from minilm import train
+from minilm.config import DataConfig, ModelConfig, TrainConfig, preset
+from minilm.data import Dataset, load_dataset
+from minilm.model import init
+from minilm.tree import combine, partition, size
+
+
+def parser(description: str, default_out: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="a smoke run in seconds: tiny sizes, few steps (for CI)")
+    p.add_argument("--seed", type=int, default=0, help="seed for corpora, initialisation and batches")
+    p.add_argument("--out", default=default_out, help=f"report folder (default: {default_out})")
+    return p
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Sizes for a full run and for --quick."""
+
+    model: ModelConfig
+    pretrain: TrainConfig
+    finetune: TrainConfig
+    corpus_size: int | None
+
+
+def setup(quick: bool, seed: int, *, pretrain_steps: int = 600, finetune_steps: int = 200) -> Setup:
+    model, train_cfg = preset("tiny")
+    if quick:
+        model = dataclasses.replace(model, context=16, width=32, layers=2, heads=2)
+        return Setup(model, dataclasses.replace(train_cfg, steps=30, batch_size=8, eval_every=30, eval_batches=2,
+                                                seed=seed),
+                     TrainConfig(steps=10, batch_size=8, lr=1e-3, eval_every=10, eval_batches=2, seed=seed), 400)
+    return Setup(model, dataclasses.replace(train_cfg, steps=pretrain_steps, seed=seed),
+                 TrainConfig(steps=finetune_steps, batch_size=32, lr=1e-3, min_lr=1e-4, eval_every=50,
+                             eval_batches=8, seed=seed), None)
+
+
+def data(corpus: str, s: Setup, tokenizer=None) -> Dataset:
+    return load_dataset(DataConfig(corpus=corpus, corpus_size=s.corpus_size), seed=s.pretrain.seed,
+                        tokenizer=tokenizer)
+
+
+def fit(trainable, frozen, dataset: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig, label: str,
+        loss=train.loss_fn):
+    """Train with a progress bar; returns (trainable, [metrics per step])."""
+    state = train.start(trainable, frozen, train_cfg, key=jax.random.key(train_cfg.seed + 1))
+    log = []
+    with tqdm(total=train_cfg.steps, desc=label, unit="step", leave=False) as bar:
+        for state, metrics in train.run(state, dataset, model_cfg, train_cfg, loss):
+            log.append(metrics)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+            bar.update(1)
+    return state.trainable, log
+
+
+def pretrain(corpus: str, s: Setup):
+    """A base model on `corpus` -> (params, model_cfg, dataset)."""
+    dataset = data(corpus, s)
+    model_cfg = dataclasses.replace(s.model, vocab_size=dataset.tokenizer.size)
+    params = init(model_cfg, key=jax.random.key(s.pretrain.seed))
+    trainable, frozen = partition(params, lambda name: True)
+    trainable, _ = fit(trainable, frozen, dataset, model_cfg, s.pretrain, f"pretrain on {corpus}")
+    return combine(trainable, frozen), model_cfg, dataset
+
+
+@dataclass(frozen=True)
+class Tuned:
+    name: str
+    params: dict            # plain arrays (LoRA merged)
+    adapted: dict | None    # params with LoraWeight leaves (LoRA only)
+    log: list               # per-step metrics
+    trainable: int          # trainable parameter count
+
+
+def finetune(name: str, base: dict, dataset: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig,
+             lora_cfg: lora.LoraConfig | None = None) -> Tuned:
+    """Full fine-tuning (lora_cfg None) or LoRA; the base is never modified."""
+    if lora_cfg is None:
+        trainable, frozen = partition(base, lambda n: True)
+        trainable, log = fit(trainable, frozen, dataset, model_cfg, train_cfg, f"fine-tune {name}")
+        return Tuned(name, combine(trainable, frozen), None, log, size(trainable))
+    adapted = lora.attach(base, lora_cfg, key=jax.random.key(train_cfg.seed + 2))
+    trainable, frozen = lora.split(adapted, lora_cfg)
+    n = size(trainable)
+    trainable, log = fit(trainable, frozen, dataset, model_cfg, train_cfg, f"fine-tune {name}", lora.loss_fn)
+    adapted = combine(trainable, frozen)
+    return Tuned(name, lora.merge(adapted), adapted, log, n)
+
+
+def eval_loss(params, dataset: Dataset, model_cfg: ModelConfig, batches: int = 16, seed: int = 123) -> float:
+    """Mean held-out loss on fixed windows of `dataset` (the same windows for every model)."""
+    from minilm.data import batches as windows_of
+    windows = windows_of(jax.numpy.asarray(dataset.val), jax.random.key(seed), 0, count=batches,
+                         batch_size=16, context=model_cfg.context)
+    return float(train.make_eval(model_cfg)(params, windows))
+
+
+def adapters_of(tuned: Tuned) -> dict:
+    """{matrix name: A} of a LoRA model, for subspace similarity."""
+    return {} if tuned.adapted is None else {n: w.lora_a for n, w in lora.lora_weights(tuned.adapted).items()}
+
+
+def write_json(path: Path, data) -> None:
+    from minilm.checkpoint import write_text_atomic
+    from minilm.report import finite
+    write_text_atomic(path, json.dumps(finite(data), indent=1, allow_nan=False))
+
+
+def table(header, rows) -> str:
+    from minilm.report import html_table
+    return html_table(header, rows)
+
+
+def fmt(x, digits: int = 3) -> str:
+    return "—" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{digits}g}"
