@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine with Python 3.11+:
-#   make demo   set up .venv, train a tiny GPT on a toy corpus, print samples
+#   make demo   set up .venv, run experiment 01: what changes when I fine-tune, fully or with LoRA?
 #   make test   set up .venv, run the tests
 PYTHON ?= python3
 VENV := .venv
@@ -15,8 +15,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 demo: $(STAMP)
-	$(BIN)/minilm train --preset tiny --corpus associations --out runs/demo --overwrite
-	$(BIN)/minilm sample runs/demo --prompt "the people spoke of" --num-samples 3 --max-new-tokens 40
+	$(BIN)/python experiments/01_what_changes.py --out runs/01_what_changes
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

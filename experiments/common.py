@@ -48,9 +48,9 @@ def setup(quick: bool, seed: int, *, pretrain_steps: int = 600, finetune_steps: 
         model = dataclasses.replace(model, context=16, width=32, layers=2, heads=2)
         return Setup(model, dataclasses.replace(train_cfg, steps=30, batch_size=8, eval_every=30, eval_batches=2,
                                                 seed=seed),
-                     TrainConfig(steps=10, batch_size=8, lr=1e-3, eval_every=10, eval_batches=2, seed=seed), 400)
+                     TrainConfig(steps=10, batch_size=8, lr=1e-3, eval_every=5, eval_batches=2, seed=seed), 400)
     return Setup(model, dataclasses.replace(train_cfg, steps=pretrain_steps, seed=seed),
-                 TrainConfig(steps=finetune_steps, batch_size=32, lr=1e-3, min_lr=1e-4, eval_every=50,
+                 TrainConfig(steps=finetune_steps, batch_size=32, lr=1e-3, min_lr=1e-4, eval_every=10,
                              eval_batches=8, seed=seed), None)
 
 
@@ -60,8 +60,9 @@ def data(corpus: str, s: Setup, tokenizer=None) -> Dataset:
 
 
 def fit(trainable, frozen, dataset: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig, label: str,
-        loss=train.loss_fn):
-    """Train with a progress bar; returns (trainable, [metrics per step])."""
+        loss=train.loss_fn, stop_below: float | None = None):
+    """Train with a progress bar; returns (trainable, [metrics per step]). With `stop_below`, stop at the
+    first evaluation whose held-out loss is at or below it (to compare models at equal loss)."""
     state = train.start(trainable, frozen, train_cfg, key=jax.random.key(train_cfg.seed + 1))
     log = []
     with tqdm(total=train_cfg.steps, desc=label, unit="step", leave=False) as bar:
@@ -69,6 +70,8 @@ def fit(trainable, frozen, dataset: Dataset, model_cfg: ModelConfig, train_cfg: 
             log.append(metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}")
             bar.update(1)
+            if stop_below is not None and metrics.get("eval_loss", float("inf")) <= stop_below:
+                break
     return state.trainable, log
 
 
@@ -92,16 +95,18 @@ class Tuned:
 
 
 def finetune(name: str, base: dict, dataset: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig,
-             lora_cfg: lora.LoraConfig | None = None) -> Tuned:
+             lora_cfg: lora.LoraConfig | None = None, stop_below: float | None = None) -> Tuned:
     """Full fine-tuning (lora_cfg None) or LoRA; the base is never modified."""
     if lora_cfg is None:
         trainable, frozen = partition(base, lambda n: True)
-        trainable, log = fit(trainable, frozen, dataset, model_cfg, train_cfg, f"fine-tune {name}")
+        trainable, log = fit(trainable, frozen, dataset, model_cfg, train_cfg, f"fine-tune {name}",
+                             stop_below=stop_below)
         return Tuned(name, combine(trainable, frozen), None, log, size(trainable))
     adapted = lora.attach(base, lora_cfg, key=jax.random.key(train_cfg.seed + 2))
     trainable, frozen = lora.split(adapted, lora_cfg)
     n = size(trainable)
-    trainable, log = fit(trainable, frozen, dataset, model_cfg, train_cfg, f"fine-tune {name}", lora.loss_fn)
+    trainable, log = fit(trainable, frozen, dataset, model_cfg, train_cfg, f"fine-tune {name}", lora.loss_fn,
+                         stop_below)
     adapted = combine(trainable, frozen)
     return Tuned(name, lora.merge(adapted), adapted, log, n)
 
