@@ -92,6 +92,7 @@ class Tuned:
     adapted: dict | None    # params with LoraWeight leaves (LoRA only)
     log: list               # per-step metrics
     trainable: int          # trainable parameter count
+    lr: float               # peak learning rate
 
 
 def finetune(name: str, base: dict, dataset: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig,
@@ -101,14 +102,14 @@ def finetune(name: str, base: dict, dataset: Dataset, model_cfg: ModelConfig, tr
         trainable, frozen = partition(base, lambda n: True)
         trainable, log = fit(trainable, frozen, dataset, model_cfg, train_cfg, f"fine-tune {name}",
                              stop_below=stop_below)
-        return Tuned(name, combine(trainable, frozen), None, log, size(trainable))
+        return Tuned(name, combine(trainable, frozen), None, log, size(trainable), train_cfg.lr)
     adapted = lora.attach(base, lora_cfg, key=jax.random.key(train_cfg.seed + 2))
     trainable, frozen = lora.split(adapted, lora_cfg)
     n = size(trainable)
     trainable, log = fit(trainable, frozen, dataset, model_cfg, train_cfg, f"fine-tune {name}", lora.loss_fn,
                          stop_below)
     adapted = combine(trainable, frozen)
-    return Tuned(name, lora.merge(adapted), adapted, log, n)
+    return Tuned(name, lora.merge(adapted), adapted, log, n, train_cfg.lr)
 
 
 def eval_loss(params, dataset: Dataset, model_cfg: ModelConfig, batches: int = 16, seed: int = 123) -> float:
