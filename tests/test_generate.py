@@ -12,19 +12,18 @@ greedy choices have clear margins and cannot flip on a rounding difference; the 
 
 from __future__ import annotations
 
-import math
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import scrambled
 
 from minilm.config import ModelConfig
 from minilm.errors import MinilmError
 from minilm.generate import generate, pick
 from minilm.model import forward, init
-from minilm.tree import path_name
 
 B, P, H, K, V, L, CONTEXT = 2, 3, 3, 4, 11, 2, 13
 CFG = ModelConfig(vocab_size=V, context=CONTEXT, width=H * K, heads=H, layers=L)
@@ -33,28 +32,9 @@ FILL = CONTEXT - P  # max_new_tokens that fills the context exactly
 FORWARD = jax.jit(forward, static_argnames=("cfg",))
 
 
-def scrambled(params, seed: int):
-    """Same tree, every leaf replaced by a random value of order one (float32)."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, x):
-        name = path_name(path)
-        if name.endswith(".w"):
-            value = rng.normal(0.0, 1.0 / math.sqrt(x.shape[0]), x.shape)
-        elif name.endswith(".scale"):
-            value = 1.0 + 0.3 * rng.normal(size=x.shape)
-        elif name.startswith("embed."):
-            value = rng.normal(size=x.shape)
-        else:
-            value = 0.2 * rng.normal(size=x.shape)
-        return jnp.asarray(value, jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(leaf, params)
-
-
 @pytest.fixture(scope="module")
 def params():
-    return scrambled(init(CFG, key=jax.random.key(0)), seed=1)
+    return scrambled(init(CFG, key=jax.random.key(0)), seed=1, embed_std=1.0)
 
 
 @pytest.fixture(scope="module")

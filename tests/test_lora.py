@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import scrambled
 
 import lora
 from lora import LoraConfig, LoraWeight
@@ -44,25 +45,6 @@ STEPS = 5
 FORWARD = jax.jit(forward, static_argnames=("cfg",))
 MATRICES = {"attn.q": (D, D), "attn.k": (D, D), "attn.v": (D, D), "attn.o": (D, D),
             "mlp.fc": (D, F), "mlp.proj": (F, D)}
-
-
-def scrambled(params, seed: int):
-    """Same tree, every leaf replaced by a random value of order one (float32), as in test_model.py."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, x):
-        name = path_name(path)
-        if name.endswith(".w"):
-            value = rng.normal(0.0, 1.0 / math.sqrt(x.shape[0]), x.shape)  # keeps activations O(1)
-        elif name.endswith(".scale"):
-            value = 1.0 + 0.3 * rng.normal(size=x.shape)
-        elif name.startswith("embed."):
-            value = 0.7 * rng.normal(size=x.shape)
-        else:  # biases and LayerNorm shifts
-            value = 0.2 * rng.normal(size=x.shape)
-        return jnp.asarray(value, jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(leaf, params)
 
 
 def is_lora(x) -> bool:

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import scrambled
 from jax.test_util import check_grads
 
 from minilm.attention import attend, attention_probs, causal_mask
@@ -28,7 +29,7 @@ from minilm.config import ModelConfig
 from minilm.errors import MinilmError
 from minilm.model import empty_cache, forward, forward_cached, init, param_shapes
 from minilm.train import cross_entropy, loss_fn
-from minilm.tree import named_leaves, partition, path_name
+from minilm.tree import named_leaves, partition
 
 B, T, H, K, V, L, CONTEXT = 2, 7, 3, 4, 11, 2, 13
 D = H * K  # 12
@@ -37,25 +38,6 @@ CFG = ModelConfig(vocab_size=V, context=CONTEXT, width=D, heads=H, layers=L, mlp
 
 FORWARD = jax.jit(forward, static_argnames=("cfg", "trace"))
 FORWARD_CACHED = jax.jit(forward_cached, static_argnames=("cfg",))  # `start` stays traced, as in generate
-
-
-def scrambled(params, seed: int):
-    """Same tree, every leaf replaced by a random value of order one (float32)."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, x):
-        name = path_name(path)
-        if name.endswith(".w"):
-            value = rng.normal(0.0, 1.0 / math.sqrt(x.shape[0]), x.shape)  # keeps activations O(1)
-        elif name.endswith(".scale"):
-            value = 1.0 + 0.3 * rng.normal(size=x.shape)
-        elif name.startswith("embed."):
-            value = 0.7 * rng.normal(size=x.shape)
-        else:  # biases and LayerNorm shifts
-            value = 0.2 * rng.normal(size=x.shape)
-        return jnp.asarray(value, jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(leaf, params)
 
 
 @pytest.fixture(scope="module")

@@ -121,10 +121,10 @@ def adapter_similarity(a1: dict, a2: dict) -> dict:
 
 
 def _states(params, windows, cfg):
-    """Hidden states at every layer boundary (L+1, N, T, D), attention (L, N, H, T, T), lens logits."""
-    logits, trace = forward(params, windows, cfg, trace=True)
+    """Hidden states at every layer boundary (L+1, N, T, D) and attention probabilities (L, N, H, T, T)."""
+    _, trace = forward(params, windows, cfg, trace=True)
     states = np.concatenate([np.asarray(trace["resid_pre"][:1]), np.asarray(trace["resid_post"])])
-    return states, np.asarray(trace["attn_probs"]), trace
+    return states, np.asarray(trace["attn_probs"])
 
 
 def word_vectors(states: np.ndarray, windows: np.ndarray, ids: list[int]) -> np.ndarray:
@@ -158,8 +158,8 @@ def compare_vectors(base: Model, tuned: Model, probe: Probe, tokenizer: Tokenize
     """Static embeddings, contextual vectors per layer, CKA, attention and logit lens, base vs tuned."""
     words = list(probe.words)
     ids = [tokenizer.index[w] for w in words]
-    b_states, b_attn, b_trace = base_run or _states(base.params, probe.windows, cfg)
-    t_states, t_attn, t_trace = _states(tuned.params, probe.windows, cfg)
+    b_states, b_attn = base_run or _states(base.params, probe.windows, cfg)
+    t_states, t_attn = _states(tuned.params, probe.windows, cfg)
     static_b = np.asarray(base.params["embed"]["tok"])[ids]
     static_t = np.asarray(tuned.params["embed"]["tok"])[ids]
     out = {"static": {
