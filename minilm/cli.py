@@ -113,6 +113,14 @@ def cmd_train(args) -> int:
                resume_hint=f"minilm train --out {out} --resume", sample_hint=f"minilm sample {out} --prompt '...'")
 
 
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; a line cut short by a kill counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
+
+
 def fit(state, data, model_cfg, train_cfg, out: Path, save, *, resume: bool, saved: Path, resume_hint: str | None,
         sample_hint: str, loss=None) -> int:
     """Run training with a progress bar, log metrics.jsonl, save every checkpoint_every steps and on Ctrl-C."""
@@ -125,7 +133,7 @@ def fit(state, data, model_cfg, train_cfg, out: Path, save, *, resume: bool, sav
     metrics_path = out / "metrics.jsonl"
     kept = []
     if resume and metrics_path.exists():  # drop lines logged after the checkpoint we resume from
-        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= state.step]
+        kept = [line for line in metrics_path.read_text().splitlines() if _logged_step(line) <= state.step]
     checkpoint.write_text_atomic(metrics_path, "".join(line + "\n" for line in kept))
 
     tokens_per_step = train_cfg.grad_accum * train_cfg.batch_size * model_cfg.context

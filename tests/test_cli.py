@@ -92,6 +92,8 @@ def test_ctrl_c_saves_and_resume_is_bit_identical(capsys, tmp_path):
     stopped_at = json.loads((interrupted / "checkpoint" / "state.json").read_text())["step"]
     assert 10 <= stopped_at < 600
 
+    with (interrupted / "metrics.jsonl").open("a") as log:
+        log.write('{"step": 99')  # a line cut short by a kill mid-write
     assert main(["train", "--out", str(interrupted), "--resume"]) == 0
     capsys.readouterr()
     keys = ("step", "loss", "grad_norm", "lr", "eval_loss")
