@@ -1,6 +1,9 @@
 """Test helpers shared by several test files."""
 
+import importlib.util
 import math
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -30,3 +33,15 @@ def scrambled(params, seed: int, embed_std: float = 0.7):
         return jnp.asarray(value, jnp.float32)
 
     return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def load_experiment(name: str):
+    """An experiment script as a module (their names start with a digit, so `import` cannot)."""
+    sys.path.insert(0, str(EXPERIMENTS))  # for their `import common`
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

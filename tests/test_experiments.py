@@ -1,28 +1,15 @@
 """Each experiment runs end to end in --quick mode, writes its report, and computes its verdicts from its numbers."""
 
 import copy
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
-
-
-def load(name):
-    sys.path.insert(0, str(EXPERIMENTS))
-    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from helpers import load_experiment
 
 @pytest.fixture(scope="module")
 def exp01(tmp_path_factory):
     out = tmp_path_factory.mktemp("e01") / "report"
-    module = load("01_what_changes")
+    module = load_experiment("01_what_changes")
     assert module.main(["--quick", "--out", str(out)]) == 0
     return module, out
 

@@ -2,24 +2,12 @@
 from their metrics, and give the same numbers for the same seed."""
 
 import copy
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
-
-
-def load(name):
-    sys.path.insert(0, str(EXPERIMENTS))
-    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from helpers import load_experiment
 
 def run(module, out: Path) -> dict:
     assert module.main(["--quick", "--out", str(out)]) == 0
@@ -37,7 +25,7 @@ def without_timing(metrics: dict) -> dict:
 @pytest.fixture(scope="module")
 def exp02(tmp_path_factory):
     out = tmp_path_factory.mktemp("e02") / "report"
-    module = load("02_rank_and_alpha")
+    module = load_experiment("02_rank_and_alpha")
     return module, out, run(module, out)
 
 
@@ -98,7 +86,7 @@ def test_02_is_reproducible(exp02, tmp_path):
 @pytest.fixture(scope="module")
 def exp03(tmp_path_factory):
     out = tmp_path_factory.mktemp("e03") / "report"
-    module = load("03_adapter_subspaces")
+    module = load_experiment("03_adapter_subspaces")
     return module, out, run(module, out)
 
 

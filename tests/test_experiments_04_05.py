@@ -2,24 +2,11 @@
 --quick mode, write their reports, compute their summaries from their metrics, and are reproducible."""
 
 import copy
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
-
-
-def load(name):
-    sys.path.insert(0, str(EXPERIMENTS))
-    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from helpers import load_experiment
 
 def run(module, out):
     assert module.main(["--quick", "--out", str(out)]) == 0
@@ -36,7 +23,7 @@ def without_timing(metrics):
 @pytest.fixture(scope="module")
 def exp04(tmp_path_factory):
     out = tmp_path_factory.mktemp("e04") / "report"
-    module = load("04_how_lowrank_is_full")
+    module = load_experiment("04_how_lowrank_is_full")
     return module, out, run(module, out)
 
 
@@ -61,7 +48,7 @@ def test_04_full_rank_truncation_is_the_fully_fine_tuned_model(exp04):
 
 
 def test_04_truncated_keeps_the_best_rank_k_change():
-    module = load("04_how_lowrank_is_full")
+    module = load_experiment("04_how_lowrank_is_full")
     rng = np.random.default_rng(0)
 
     def params(scale):
@@ -127,7 +114,7 @@ def test_04_is_reproducible(exp04, tmp_path):
 @pytest.fixture(scope="module")
 def exp05(tmp_path_factory):
     out = tmp_path_factory.mktemp("e05") / "report"
-    module = load("05_magnitude_and_direction")
+    module = load_experiment("05_magnitude_and_direction")
     return module, out, run(module, out)
 
 
@@ -147,7 +134,7 @@ def test_05_writes_report_and_metrics(exp05):
 
 
 def test_05_pearson_matches_numpy_and_handles_constants():
-    module = load("05_magnitude_and_direction")
+    module = load_experiment("05_magnitude_and_direction")
     x, y = [0.1, 0.4, 0.2, 0.9], [3.0, 1.0, 2.5, 0.5]
     assert module.pearson(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1])
     assert np.isnan(module.pearson([1, 1, 1], [1, 2, 3])) and np.isnan(module.pearson([1, 2], [2, 1]))
