@@ -67,9 +67,9 @@ def test_identical_models_show_no_change(runs, tmp_path):
 def test_compare_cli_full_and_lora(runs, tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["compare", str(runs / "base"), str(runs / "full"), str(runs / "lora_a"), str(runs / "lora_b"),
-                 "--out", str(out), "--words", "justice,zebra"]) == 0
+                 "--out", str(out), "--words", "justice,zebra", "--probe", "the people spoke of okapis"]) == 0
     _, err = capsys.readouterr()
-    assert "not in the vocabulary, skipped: zebra" in err
+    assert "not in the vocabulary, skipped: zebra, okapis" in err
     page = (out / "report.html").read_text()
     assert "zebra" in page and "data:image/png;base64," in page
     metrics = json.loads((out / "metrics.json").read_text())

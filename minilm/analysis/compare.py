@@ -61,9 +61,11 @@ def make_probe(tokenizer: Tokenizer, cfg: ModelConfig, *, corpus: Corpus | None 
     asked = list(dict.fromkeys([*words, *(w for g in groups.values() for w in g),
                                 *(w for p in (corpus.pairs + corpus.controls if corpus else ()) for w in p)]))
     known = [w for w in asked if w in tokenizer.index]
-    missing = tuple(w for w in asked if w not in tokenizer.index)
-    sentences = tuple(s for s in [*sentences, *(corpus.probes if corpus else ())]
-                      if all(t in tokenizer.index for t in tokenizer.tokens(s)))
+    all_sentences = [*sentences, *(corpus.probes if corpus else ())]
+    oov = [t for s in all_sentences for t in tokenizer.tokens(s) if t not in tokenizer.index]
+    missing = tuple(dict.fromkeys([*(w for w in asked if w not in tokenizer.index), *oov]))
+    # a sentence with a token the model does not know cannot be run; its unknown tokens are in `missing`
+    sentences = tuple(s for s in all_sentences if all(t in tokenizer.index for t in tokenizer.tokens(s)))
     if not known and not sentences:
         raise MinilmError("the probe set is empty: none of the words or sentences is in the vocabulary; "
                           "pass --words or --probe text made of the model's tokens")
