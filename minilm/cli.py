@@ -192,6 +192,8 @@ def cmd_finetune(args) -> int:
                           "choose how to fine-tune: --full, or --lora SPEC (e.g. --lora rank=8,alpha=16)")
     lora_cfg = lora.parse_spec(args.lora) if args.lora is not None else None
     train_over, data_over = given(args, TrainConfig), given(args, DataConfig)
+    if "tokenizer" in data_over:
+        raise MinilmError("--tokenizer: fine-tuning reads text with the base model's own tokenizer; drop the flag")
     train_cfg = dataclasses.replace(FINETUNE, **({"lr": LORA_LR} if lora_cfg else {}), **train_over)
     data_cfg = DataConfig(**data_over)
     base = checkpoint.load(args.base)

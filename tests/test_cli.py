@@ -201,6 +201,7 @@ def test_finetune_bad_input(capsys, tmp_path, base_run):
         (["--lora", "rank=2,targets=attn.x"], "'attn.x' matches no matrix; valid targets: all-linear, embed, attn.q"),
         (["--lora", "rank=2,targets=embed,use_dora=true"], "DoRA is undefined on the tied embedding"),
         (["--lora", "rank=2,colour=blue"], "unknown option 'colour'"),
+        (["--full", "--tokenizer", "word"], "the base model's own tokenizer"),
     ]
     for extra, message in cases:
         code, _, err = run(capsys, "finetune", str(base_run), *FT, *extra, "--out", str(tmp_path / "x"))
