@@ -190,8 +190,7 @@ def main(argv=None) -> int:
     args = common.parser(__doc__.splitlines()[0], "runs/01_what_changes").parse_args(argv)
     started = time.perf_counter()
     s = common.setup(args.quick, args.seed)
-    base, model_cfg, base_data = common.pretrain("associations", s)
-    ft_data = common.data("bindings", s, tokenizer=base_data.tokenizer)
+    base, model_cfg, base_data, ft_data = common.base_and_bindings(s)
     # Compare at equal fine-tuning loss: LoRA on q and v (the fewest parameters) trains its full budget;
     # every other variant stops at the first evaluation that reaches the loss it got to.
     tuned, target = [], None

@@ -211,8 +211,7 @@ def main(argv=None) -> int:
     ft_cfg = s.finetune if args.quick else dataclasses.replace(s.finetune, steps=STEPS, batch_size=BATCH)
     # One evaluation at the end: the losses that count come from common.eval_loss, on the same windows for all.
     ft_cfg = dataclasses.replace(ft_cfg, lr=LORA_LR, eval_every=ft_cfg.steps)
-    base, model_cfg, base_data = common.pretrain("associations", s)
-    ft_data = common.data("bindings", s, tokenizer=base_data.tokenizer)
+    base, model_cfg, base_data, ft_data = common.base_and_bindings(s)
     base_losses = {"finetune_loss": common.eval_loss(base, ft_data, model_cfg),
                    "base_loss": common.eval_loss(base, base_data, model_cfg)}
 
@@ -276,11 +275,7 @@ def main(argv=None) -> int:
                                                ("amplification", "mean amplification factor (top-R of ΔW)", True),
                                                ("effective_rank", "mean effective rank of ΔW", True)]))),
               ("Every run", run_table(metrics))]
-    page = report.write_page(Path(args.out), "02 — Rank and alpha: how big an adapter, and how loud?", blocks,
-                             metrics)
-    for sentence in metrics["summary"]:
-        print(sentence)
-    print(f"report: {page}  ({metrics['seconds']:.0f} s)")
+    common.publish(args.out, "02 — Rank and alpha: how big an adapter, and how loud?", blocks, metrics)
     return 0
 
 

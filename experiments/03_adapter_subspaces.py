@@ -42,7 +42,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `common`, next t
 import common
 
 import lora
-from minilm import report
 from minilm.analysis import weights
 
 TARGETS = ("attn.q", "attn.v")
@@ -211,8 +210,7 @@ def main(argv=None) -> int:
     args = common.parser(__doc__.splitlines()[0], "runs/03_adapter_subspaces").parse_args(argv)
     started = time.perf_counter()
     s = common.setup(args.quick, args.seed)
-    base, model_cfg, base_data = common.pretrain("associations", s)
-    ft_data = common.data("bindings", s, tokenizer=base_data.tokenizer)
+    base, model_cfg, base_data, ft_data = common.base_and_bindings(s)
 
     found, run_metrics = {}, {}
     for name, rank, seed in runs(args.quick, args.seed):
@@ -251,10 +249,7 @@ def main(argv=None) -> int:
     for i, (pair, result) in enumerate(results.items()):
         blocks.append((f"{pair} ({result['kind']})", (f"pair{i + 1}", fig_pair(pair, result))))
         blocks.append((None, pair_table(result)))
-    page = report.write_page(Path(args.out), "03 — Do two adapters learn the same directions?", blocks, metrics)
-    for sentence in metrics["summary"]:
-        print(sentence)
-    print(f"report: {page}  ({metrics['seconds']:.0f} s)")
+    common.publish(args.out, "03 — Do two adapters learn the same directions?", blocks, metrics)
     return 0
 
 

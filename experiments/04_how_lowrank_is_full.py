@@ -196,8 +196,7 @@ def main(argv=None) -> int:
     args = common.parser(__doc__.splitlines()[0], "runs/04_how_lowrank_is_full").parse_args(argv)
     started = time.perf_counter()
     s = common.setup(args.quick, args.seed)
-    base, model_cfg, base_data = common.pretrain("associations", s)
-    ft_data = common.data("bindings", s, tokenizer=base_data.tokenizer)
+    base, model_cfg, base_data, ft_data = common.base_and_bindings(s)
     full = common.finetune("full", base, ft_data, model_cfg, s.finetune)
 
     w0s, ws = block_matrices(base), block_matrices(full.params)
@@ -264,10 +263,7 @@ def main(argv=None) -> int:
               ("Each block matrix's change (full fine-tuning)",
                common.table(["matrix", "shape", "||ΔW|| / ||W0||", "90%-energy rank", "effective rank",
                              "cos(ΔW, W0)"], matrix_rows))]
-    page = report.write_page(Path(args.out), "04 — How low-rank is full fine-tuning?", blocks, metrics)
-    for sentence in metrics["summary"]:
-        print(sentence)
-    print(f"report: {page}  ({metrics['seconds']:.0f} s)")
+    common.publish(args.out, "04 — How low-rank is full fine-tuning?", blocks, metrics)
     return 0
 
 

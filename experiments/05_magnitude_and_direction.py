@@ -195,8 +195,7 @@ def main(argv=None) -> int:
     args = common.parser(__doc__.splitlines()[0], "runs/05_magnitude_and_direction").parse_args(argv)
     started = time.perf_counter()
     s = common.setup(args.quick, args.seed)
-    base, model_cfg, base_data = common.pretrain("associations", s)
-    ft_data = common.data("bindings", s, tokenizer=base_data.tokenizer)
+    base, model_cfg, base_data, ft_data = common.base_and_bindings(s)
     checkpoints = min(CHECKPOINTS if not args.quick else 5, s.finetune.steps)
     every = s.finetune.steps // checkpoints
     results = {}
@@ -237,10 +236,7 @@ def main(argv=None) -> int:
                                                          "Pearson r (all points)", "r per layer"], rows)),
               ("Every point", "<details><summary>step, layer, ΔD, ΔM</summary>"
                               + common.table(["method", "step", "layer", "ΔD", "ΔM"], point_rows) + "</details>")]
-    page = report.write_page(Path(args.out), "05 — Magnitude and direction (DoRA §4.1)", blocks, metrics)
-    for sentence in metrics["summary"]:
-        print(sentence)
-    print(f"report: {page}  ({metrics['seconds']:.0f} s)")
+    common.publish(args.out, "05 — Magnitude and direction (DoRA §4.1)", blocks, metrics)
     return 0
 
 

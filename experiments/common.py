@@ -85,6 +85,23 @@ def pretrain(corpus: str, s: Setup):
     return combine(trainable, frozen), model_cfg, dataset
 
 
+def base_and_bindings(s: Setup):
+    """The setting every experiment shares: a base pretrained on `associations`, and `bindings` read with
+    its vocabulary -> (base params, model_cfg, associations data, bindings data)."""
+    base, model_cfg, base_data = pretrain("associations", s)
+    return base, model_cfg, base_data, data("bindings", s, tokenizer=base_data.tokenizer)
+
+
+def publish(out: str, title: str, blocks, metrics: dict) -> Path:
+    """Write the report folder, print the summary sentences and where the page is."""
+    from minilm.report import write_page
+    page = write_page(Path(out), title, blocks, metrics)
+    for sentence in metrics["summary"]:
+        print(sentence)
+    print(f"report: {page}  ({metrics['seconds']:.0f} s)")
+    return page
+
+
 @dataclass(frozen=True)
 class Tuned:
     name: str

@@ -64,6 +64,25 @@ def _fsync_tree(folder: Path) -> None:
             os.fsync(fh.fileno())
 
 
+def staging_dir(path: Path) -> Path:
+    """An empty folder beside `path` to build its next version in (clearing one a killed write left)."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def swap_in(tmp: Path, path: Path) -> None:
+    """Replace folder `path` by the complete folder `tmp` with two renames; a kill in between leaves
+    the old version whole as `path.old`, which `resolve` falls back to."""
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)  # from here until the next rename, `old` is the whole previous version
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace `path` with `text` so that a reader (or a crash) sees the old file or the new, never half."""
     tmp = Path(path).with_name(Path(path).name + ".tmp")
@@ -86,9 +105,7 @@ def save(path: Path, *, params, opt_state, model_cfg: ModelConfig, train_cfg: Tr
          data_cfg: DataConfig, tokenizer: Tokenizer, state: dict) -> None:
     """Write the checkpoint folder `path` atomically (see the module docstring)."""
     path = Path(path)
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)  # left over from a save that was killed
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(path)
     save_file({k: np.asarray(v) for k, v in named_leaves(params).items()}, tmp / "model.safetensors")
     save_file({k: np.asarray(v) for k, v in named_leaves(opt_state).items()}, tmp / "optimizer.safetensors")
     _write_json(tmp / "config.json", {"model": to_dict(model_cfg), "train": to_dict(train_cfg),
@@ -96,12 +113,7 @@ def save(path: Path, *, params, opt_state, model_cfg: ModelConfig, train_cfg: Tr
     tokenizer.save(tmp / "tokenizer.json")
     _write_json(tmp / "state.json", {**state, "sha256": {f: _sha256(tmp / f) for f in ARRAY_FILES}})
     _fsync_tree(tmp)
-    if path.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        path.rename(old)     # from here until the next rename, `old` is the whole checkpoint
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_in(tmp, path)
 
 
 def resolve(path: Path) -> Path:

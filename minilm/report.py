@@ -14,11 +14,12 @@ import html
 import io
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure  # the object API: no pyplot, no global state, no display needed
+
+from minilm.checkpoint import staging_dir, swap_in
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 
@@ -260,9 +261,8 @@ def write_page(out: Path, title: str, blocks, metrics: dict) -> Path:
     or None (skipped). Figures are named after their headings' order: figures/01.png, 02.png, ...
     """
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "figures").mkdir(parents=True)
+    tmp = staging_dir(out)
+    (tmp / "figures").mkdir()
     parts = [f"<h1>{html.escape(title)}</h1>"]
     for heading, content in blocks:
         if content is None:
@@ -279,12 +279,7 @@ def write_page(out: Path, title: str, blocks, metrics: dict) -> Path:
             f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
     (tmp / "report.html").write_text(page, encoding="utf-8")
     (tmp / "metrics.json").write_text(json.dumps(finite(metrics), allow_nan=False), encoding="utf-8")
-    old = out.with_name(out.name + ".old")
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_in(tmp, out)
     return out / "report.html"
 
 
