@@ -26,7 +26,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from minilm.attention import attend, attention_probs, causal_mask
+from minilm.attention import attend, attention_probs, causal_mask, causal_self_attention
 from minilm.config import ModelConfig
 from minilm.errors import MinilmError
 
@@ -106,15 +106,16 @@ def attention_layer(x, p, cfg: ModelConfig, batch: int, positions, cache=None):
         return y.reshape(batch, T, cfg.heads, cfg.head_size)  # (B·T, D) -> (B, T, H, K)
 
     q, k, v = heads(linear(x, p["q"])), heads(linear(x, p["k"])), heads(linear(x, p["v"]))
-    key_positions = positions
-    if cache is not None:
+    if cache is None:  # a whole sequence: the same maths as below, skipping the masked half
+        out, probs = causal_self_attention(q, k, v)
+    else:
         start = (0, positions[0], 0, 0)
         cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k, start),  # (B, S, H, K)
                  "v": jax.lax.dynamic_update_slice(cache["v"], v, start)}
         k, v = cache["k"], cache["v"]
-        key_positions = jnp.arange(k.shape[1])
-    probs = attention_probs(q, k, causal_mask(positions, key_positions))  # (B, H, T, S)
-    out = attend(probs, v).reshape(batch * T, cfg.width)  # (B, T, H, K) -> (B·T, D)
+        probs = attention_probs(q, k, causal_mask(positions, jnp.arange(k.shape[1])))  # (B, H, T, S)
+        out = attend(probs, v)
+    out = out.reshape(batch * T, cfg.width)  # (B, T, H, K) -> (B·T, D)
     return linear(out, p["o"]), probs, cache
 
 

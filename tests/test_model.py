@@ -24,7 +24,7 @@ import pytest
 from helpers import scrambled
 from jax.test_util import check_grads
 
-from minilm.attention import attend, attention_probs, causal_mask
+from minilm.attention import attend, attention_probs, causal_mask, causal_self_attention
 from minilm.config import ModelConfig
 from minilm.errors import MinilmError
 from minilm.model import empty_cache, forward, forward_cached, init, param_shapes
@@ -160,6 +160,28 @@ def test_attention_probs_rows_sum_to_one_and_masked_are_exactly_zero(qkv):
     future = np.triu(np.ones((T, T), bool), k=1)  # s > t
     assert np.all(probs[..., future] == 0.0)
     assert np.all(probs[..., ~future] > 0.0)
+
+
+@pytest.mark.parametrize("T_, block", [(1, 64), (7, 64), (13, 4), (13, 5), (16, 4), (20, 1)])
+def test_blocked_causal_attention_equals_the_plain_one_and_numpy(T_, block):
+    # causal_self_attention skips the masked half in query blocks; it must be the same attention:
+    # outputs and probabilities as NumPy's (float64), masked weights exactly 0, and the same gradients
+    # as the plain path. Block sizes that divide T, that do not, of 1, and larger than T.
+    rng = np.random.default_rng(T_ * 100 + block)
+    q, k, v = (jnp.asarray(rng.normal(size=(B, T_, H, K)), jnp.float32) for _ in range(3))
+    out, probs = causal_self_attention(q, k, v, block)
+    want_out, want_probs = np_causal_attention(*(np.asarray(x, np.float64) for x in (q, k, v)))
+    np.testing.assert_allclose(probs, want_probs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(probs)[..., np.triu(np.ones((T_, T_), bool), k=1)] == 0.0)
+
+    positions = jnp.arange(T_)
+    plain = lambda q, k, v: attend(attention_probs(q, k, causal_mask(positions, positions)), v)
+    cotangent = jnp.asarray(rng.normal(size=(B, T_, H, K)), jnp.float32)
+    grads = jax.vjp(lambda *a: causal_self_attention(*a, block)[0], q, k, v)[1](cotangent)
+    want_grads = jax.vjp(plain, q, k, v)[1](cotangent)
+    for got, want in zip(grads, want_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_causal_mask_with_offset_queries_and_more_keys():

@@ -1,0 +1,202 @@
+"""One side of the peer benchmark in a process of its own: builds one train step, warms it, then times
+steps on request. run.py starts it and talks to it; you do not normally run it by hand.
+
+    worker.py --side jax|torch --preset small --mode full|lora [--rank 8 --targets all-linear]
+              [--dtype float32|bfloat16] [--warmup 2] [--threads N] [--seed 0]
+
+Protocol: one JSON object per line. The worker writes {"ready": true, ...facts...} once it has built
+and warmed its step (or {"error": "..."} and exits 1), then reads commands from stdin:
+
+    {"cmd": "run", "steps": 3}  ->  {"times": [s, s, s], "other_cpu_fraction": f, "loss": x}
+    {"cmd": "quit"}             ->  exits 0 (so does end of input)
+
+The protocol has this process's real stdout to itself: the worker points file descriptor 1 at stderr,
+so whatever a library prints goes there and cannot garble a reply.
+
+Why a process per side: PyTorch's OpenMP threads and XLA's thread pool each spin for a while after
+their work ends. In one process, whichever framework ran last would take CPU from the one being timed.
+Each side also imports only its own framework: this file imports neither JAX nor torch at the top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import os
+import resource
+import sys
+import time
+import traceback
+import warnings
+
+
+def cpu_times():
+    """(wall s, CPU s busy on the whole machine, CPU s used by this process), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    busy = sum(fields[:8]) - fields[3] - fields[4]  # user nice system [idle iowait] irq softirq steal
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), usage.ru_utime + usage.ru_stime
+
+
+def other_cpu_fraction(before, after) -> float | None:
+    """Share of the machine's CPU time that other processes used between two cpu_times()."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    wall = after[0] - before[0]
+    others = (after[1] - before[1]) - (after[2] - before[2])
+    return max(0.0, others / (wall * os.cpu_count()))
+
+
+def lora_targets(name: str) -> tuple[str, ...]:
+    """run.py's --targets -> minilm LoraConfig targets."""
+    return {"all-linear": ("all-linear",), "attn.*": ("attn.*",), "attn.q,attn.v": ("attn.q", "attn.v")}[name]
+
+
+class JaxSide:
+    """minilm's own step (minilm.bench.train_step_case): compiled, then one warm step inside it."""
+
+    def __init__(self, args):
+        import jax
+
+        import lora
+        import minilm.bench
+        import minilm.config
+
+        model_cfg, train_cfg = minilm.config.preset(args.preset)
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=args.vocab)
+        lora_cfg = None
+        if args.mode == "lora":
+            lora_cfg = lora.LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=lora_targets(args.targets))
+        kwargs = {}
+        self.case = None
+        self.facts = {"jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count(),
+                      "tokens_per_step": train_cfg.grad_accum * train_cfg.batch_size * model_cfg.context,
+                      "batch": train_cfg.grad_accum * train_cfg.batch_size, "context": model_cfg.context}
+        if args.dtype != "float32":
+            if "dtype" not in inspect.signature(minilm.bench.train_step_case).parameters:
+                # Not timed; the counts still come from the real parameter trees, for the check in run.py.
+                self.facts.update(available=False, reason=f"minilm.bench.train_step_case has no dtype "
+                                                          f"argument yet: no {args.dtype} step to time")
+                self.facts.update(self._counts_only(model_cfg, lora_cfg, args.seed))
+                return
+            kwargs["dtype"] = args.dtype
+        self.case = minilm.bench.train_step_case(model_cfg, train_cfg, lora_cfg, seed=args.seed, **kwargs)
+        if args.warmup:
+            self.case.run(args.warmup)
+        counts = self.case.counts()
+        base = counts["total_params"] - (counts["trainable_params"] if lora_cfg is not None else 0)
+        memory = self.case.memory()
+        self.facts.update(available=True, compile_seconds=self.case.compile_seconds, base_params=base, **counts,
+                          xla_flops=self.case.xla.get("flops"), xla_temp_bytes=self.case.xla.get("temp_bytes"),
+                          optimizer_state_bytes=memory["optimizer_state_bytes"])
+
+    @staticmethod
+    def _counts_only(model_cfg, lora_cfg, seed) -> dict:
+        import jax
+
+        import lora
+        from minilm.model import init
+        from minilm.tree import size
+
+        params = init(model_cfg, key=jax.random.key(seed))
+        base = size(params)
+        if lora_cfg is None:
+            return {"trainable_params": base, "total_params": base, "base_params": base}
+        trainable, frozen = lora.split(lora.attach(params, lora_cfg, key=jax.random.key(seed + 1)), lora_cfg)
+        return {"trainable_params": size(trainable), "total_params": size(trainable) + size(frozen),
+                "base_params": base}
+
+    def run(self, steps: int) -> dict:
+        return {"times": self.case.run(steps)}
+
+    def final(self) -> dict:
+        return {"peak_rss_bytes": self.case.memory()["peak_rss_bytes"]} if self.case else {}
+
+
+class TorchSide:
+    """The same step in PyTorch eager + transformers GPT2LMHeadModel (+ PEFT LoRA): torch_gpt2.py."""
+
+    def __init__(self, args):
+        import torch_gpt2
+
+        import minilm.config
+
+        model_cfg, train_cfg = minilm.config.preset(args.preset)
+        self.step = torch_gpt2.build(
+            vocab=args.vocab, context=model_cfg.context, width=model_cfg.width, layers=model_cfg.layers,
+            heads=model_cfg.heads, batch=train_cfg.grad_accum * train_cfg.batch_size, mode=args.mode,
+            rank=args.rank, targets=args.targets, dtype=args.dtype, seed=args.seed, threads=args.threads)
+        start = time.perf_counter()
+        self.step.run(max(1, args.warmup))  # the first step also allocates AdamW's state
+        self.facts = {"available": True, "warmup_seconds": time.perf_counter() - start,
+                      "tokens_per_step": self.step.tokens_per_step, "batch": self.step.inputs.shape[0],
+                      "context": self.step.inputs.shape[1], **self.step.counts(), **self.step.info,
+                      "optimizer_state_bytes": self.step.memory()["optimizer_state_bytes"]}
+
+    def run(self, steps: int) -> dict:
+        times = self.step.run(steps)
+        return {"times": times, "loss": self.step.last_loss}
+
+    def final(self) -> dict:
+        return {"peak_rss_bytes": self.step.memory()["peak_rss_bytes"]}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="One side of benchmarks/peers/run.py (started by it).")
+    parser.add_argument("--side", choices=("jax", "torch"), required=True)
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--vocab", type=int, default=65)
+    parser.add_argument("--mode", choices=("full", "lora"), default="full")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--targets", default="all-linear", choices=("all-linear", "attn.*", "attn.q,attn.v"))
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all CPUs)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    proto = os.fdopen(os.dup(1), "w", buffering=1)  # the replies' own channel
+    os.dup2(2, 1)                                   # anything else printed to stdout goes to stderr
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+    def reply(obj):
+        proto.write(json.dumps(obj) + "\n")
+        proto.flush()
+
+    try:
+        side = (JaxSide if args.side == "jax" else TorchSide)(args)
+    except Exception as e:  # noqa: BLE001 - the parent shows it and stops
+        traceback.print_exc()
+        reply({"error": f"{args.side} {args.mode}: {type(e).__name__}: {e}"})
+        return 1
+    reply({"ready": True, "side": args.side, "mode": args.mode, "pid": os.getpid(), **side.facts})
+
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        command = json.loads(line)
+        if command.get("cmd") == "quit":
+            break
+        if command.get("cmd") == "run":
+            before = cpu_times()
+            result = side.run(int(command.get("steps", 1)))
+            result["other_cpu_fraction"] = other_cpu_fraction(before, cpu_times())
+            reply(result)
+        elif command.get("cmd") == "final":
+            reply(side.final())
+        else:
+            reply({"error": f"unknown command {command!r}"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The analytic cost model (minilm/cost.py) against JAX's own trace of the gradient computation.
+
+Oracle: every dot_general in the jaxpr of value_and_grad(loss) -- forward and backward, walked into
+every sub-jaxpr -- counted at 2 · (product of the output's dimensions) · (product of the contracted
+dimensions). The cost model's forward + input-gradient + weight-gradient + LoRA-extra FLOPs must equal
+that sum exactly, for full fine-tuning and for adapters in several places (including ones where an
+operand's gradient is not needed, which JAX then does not compute).
+
+The context, 150, is not a multiple of the attention's query block (64), so the uneven last block
+is counted too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lora
+from minilm import cost, train
+from minilm.config import ModelConfig
+from minilm.model import init
+from minilm.tree import partition, size
+
+CFG = ModelConfig(vocab_size=11, context=150, width=24, heads=2, layers=2, mlp_ratio=4)
+BATCH = 2
+
+
+def dot_flops(jaxpr) -> int:
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs_shape = eqn.invars[0].aval.shape
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs_shape[d] for d in lhs_contract)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    total += dot_flops(inner)  # (no scan here: one micro-batch)
+    return total
+
+
+def traced_flops(lora_cfg) -> tuple[int, int]:
+    """(dot FLOPs of value_and_grad(loss) in JAX's trace, trainable scalars)."""
+    params = init(CFG, key=jax.random.key(0))
+    if lora_cfg is None:
+        trainable, frozen = partition(params, lambda name: True)
+        loss = train.loss_fn
+    else:
+        trainable, frozen = lora.split(lora.attach(params, lora_cfg, key=jax.random.key(1)), lora_cfg)
+        loss = lora.loss_fn
+    windows = jnp.zeros((BATCH, CFG.context + 1), jnp.int32)
+    grad = jax.value_and_grad(lambda t, f, w, k: loss(t, f, w, CFG, k))
+    jaxpr = jax.make_jaxpr(grad)(trainable, frozen, windows, jax.random.key(2))
+    return dot_flops(jaxpr.jaxpr), size(trainable)
+
+
+CASES = {
+    "full": None,
+    "q,v": lora.LoraConfig(rank=4, targets=("attn.q", "attn.v")),
+    "k only": lora.LoraConfig(rank=2, targets=("attn.k",)),        # queries' gradient not needed in block 0
+    "all-linear": lora.LoraConfig(rank=8, targets=("all-linear",)),
+    "embed + mlp, mixed ranks": lora.LoraConfig(rank=3, targets=("embed", "mlp.*"), rank_pattern={"mlp.proj": 5}),
+    "one late layer": lora.LoraConfig(rank=1, targets=("attn.o",), layers=(1,)),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_flops_equal_the_matrix_products_jax_traces(name):
+    lora_cfg = CASES[name]
+    adapters = None if lora_cfg is None else cost.adapter_ranks(CFG, lora_cfg)
+    predicted = cost.step_cost(CFG, BATCH, adapters)
+    traced, trainable = traced_flops(lora_cfg)
+    assert predicted.flops == traced
+    assert predicted.trainable_params == trainable
+
+
+def test_full_step_costs_three_forwards_and_lora_removes_the_weight_gradients():
+    full = cost.step_cost(CFG, BATCH)
+    adapters = cost.adapter_ranks(CFG, CASES["all-linear"])
+    lora_cost = cost.step_cost(CFG, BATCH, adapters)
+    linear = sum(p.flops for p in cost.products(CFG, BATCH) if p.kind == "linear")
+    assert full.weight_grad == linear                 # every linear layer's dW, tied unembedding included
+    assert full.input_grad < full.forward * 2         # the embedding lookup passes no dX further down
+    assert lora_cost.weight_grad == 0 and lora_cost.forward == full.forward
+    # the adapters' own products: 3 (forward, dX, dW) x 2 N R (d_in + d_out) per matrix, minus the dX
+    # of the first block's q, k, v whose input depends on nothing trainable
+    N, D, F, R = BATCH * CFG.context, CFG.width, CFG.mlp_width, 8
+    per_layer = 4 * 2 * N * R * (2 * D) + 2 * N * R * (D + F) * 2
+    assert lora_cost.lora_extra == 3 * CFG.layers * per_layer - 3 * 2 * N * R * D
+
+
+def test_attention_blocks_cover_the_causal_triangle_once():
+    for T in (1, 63, 64, 65, 150, 256):
+        blocks = cost.attention_blocks(T)
+        assert sum(q for q, _ in blocks) == T
+        seen = np.zeros((T, T), bool)
+        start = 0
+        for queries, keys in blocks:
+            seen[start:start + queries, :keys] = True
+            start += queries
+        assert (seen | ~np.tril(np.ones((T, T), bool))).all() and seen[np.tril(np.ones((T, T), bool))].all()
+
+
+def test_state_bytes_match_the_pytrees():
+    params = init(CFG, key=jax.random.key(0))
+    full = cost.step_cost(CFG, BATCH)
+    assert full.params_bytes == 4 * size(params) and full.trainable_params == size(params)
+    lora_cfg = CASES["embed + mlp, mixed ranks"]
+    adapted = lora.attach(params, lora_cfg, key=jax.random.key(1))
+    trainable, _ = lora.split(adapted, lora_cfg)
+    lora_cost = cost.step_cost(CFG, BATCH, cost.adapter_ranks(CFG, lora_cfg))
+    assert lora_cost.trainable_params == size(trainable)
+    assert lora_cost.optimizer_bytes == 2 * 4 * size(trainable)
+    assert lora_cost.params_bytes == 4 * size(adapted)
