@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Back XLA's big allocations with 2 MiB pages: ~15% faster steps on Linux (see minilm/hugepages.py).
+export GLIBC_TUNABLES := $(if $(GLIBC_TUNABLES),$(GLIBC_TUNABLES):)glibc.malloc.hugetlb=1
 
 .PHONY: demo test bench clean
 

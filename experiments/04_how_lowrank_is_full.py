@@ -268,4 +268,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    common.restart_with_huge_pages()  # a speed trick, see minilm/hugepages.py
     sys.exit(main())

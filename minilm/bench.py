@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import os
 import resource
+import statistics
 import time
 from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
 
+from minilm import cost as cost_model
 from minilm.config import ModelConfig, TrainConfig
 from minilm.model import init
 from minilm.train import loss_fn, make_step, optimizer
@@ -143,3 +145,153 @@ def matmul_peak(n: int = 1024, repeats: int = 10) -> float:
         block(matmul(a, b))
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
+
+
+def memory_bandwidth(megabytes: int = 64, repeats: int = 10) -> float:
+    """Bytes/s of a streaming elementwise op here (read + write, best of `repeats`): the roofline's
+    second slope, for the work that is not a matrix product."""
+    x = jnp.ones(megabytes * 2**20 // 4)
+    op = jax.jit(lambda x: x * 1.5 + 1.0)
+    block(op(x))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        block(op(x))
+        best = min(best, time.perf_counter() - start)
+    return 2 * x.nbytes / best
+
+
+def describe(case: TrainStepCase, times: list[float], peak: float, bandwidth: float) -> dict:
+    """Every figure of one timed case, measured next to predicted (cost.py), as plain JSON values."""
+    adapters = None if case.lora_cfg is None else cost_model.adapter_ranks(case.model_cfg, case.lora_cfg)
+    predicted = cost_model.step_cost(case.model_cfg, case.train_cfg.batch_size, adapters, case.train_cfg.grad_accum)
+    median = statistics.median(times)
+    flops = case.xla.get("flops")
+    lora_cfg = case.lora_cfg
+    return {
+        "mode": case.mode,
+        "lora": None if lora_cfg is None else {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha,
+                                               "targets": list(lora_cfg.targets)},
+        "dtype": case.train_cfg.dtype,
+        "model": {k: getattr(case.model_cfg, k) for k in ("vocab_size", "context", "width", "layers", "heads")},
+        "batch_size": case.train_cfg.batch_size, "grad_accum": case.train_cfg.grad_accum,
+        "tokens_per_step": case.tokens_per_step,
+        "steps_timed": len(times),
+        "ms_per_step": 1e3 * median, "ms_per_step_min": 1e3 * min(times),
+        "tokens_per_s": case.tokens_per_step / median,
+        "compile_s": case.compile_seconds,
+        **case.counts(),
+        "xla_flops": flops, "xla_bytes_accessed": case.xla.get("bytes_accessed"),
+        "model_flops": predicted.flops,
+        # MFU: the model's own matrix-product FLOPs (cost.py, exact) per second, over the measured peak
+        "mfu": predicted.flops / median / peak,
+        "predicted": {
+            "flops_per_token": predicted.per_token(),
+            "matmul_ms": 1e3 * predicted.flops / peak,
+            "elementwise_ms": 1e3 * predicted.elementwise_bytes / bandwidth,
+            "ms_per_step": 1e3 * predicted.seconds(peak, bandwidth),
+            "activation_bytes": predicted.activation_bytes,
+        },
+        "memory": case.memory(),
+    }
+
+
+def sampling_speed(model_cfg: ModelConfig, new_tokens: int | None = None, seed: int = 0) -> dict:
+    """Tokens/s of generation from a one-token prompt, with and without the KV cache (after compiling)."""
+    from minilm.generate import generate
+
+    new_tokens = new_tokens or model_cfg.context - 1
+    params = init(model_cfg, key=jax.random.key(seed))
+    prompt = jnp.zeros((1, 1), jnp.int32)
+    out = {"new_tokens": new_tokens}
+    for name, cached in (("cached", True), ("uncached", False)):
+        def run(cached=cached):
+            return block(generate(params, prompt, model_cfg, key=jax.random.key(seed), max_new_tokens=new_tokens,
+                                  temperature=1.0, use_cache=cached))
+        start = time.perf_counter()
+        run()  # compiles
+        out[f"{name}_compile_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        run()
+        out[f"{name}_tokens_per_s"] = new_tokens / (time.perf_counter() - start)
+    out["speedup"] = out["cached_tokens_per_s"] / out["uncached_tokens_per_s"]
+    return out
+
+
+def ratio_plot(sweep: list[dict], path) -> None:
+    """LoRA/full step time against rank, one line per width, with the FLOP model's ratio dashed."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    widths = sorted({row["width"] for row in sweep})
+    for i, width in enumerate(widths):
+        rows = sorted((r for r in sweep if r["width"] == width), key=lambda r: r["rank"])
+        ranks = [r["rank"] for r in rows]
+        color = f"C{i}"
+        ax.plot(ranks, [r["time_ratio"] for r in rows], "o-", color=color, label=f"width {width}: measured")
+        ax.plot(ranks, [r["predicted_ratio"] for r in rows], "--", color=color, alpha=0.6,
+                label=f"width {width}: roofline model")
+    ax.axhline(1.0, color="0.5", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("LoRA rank (all linear layers)")
+    ax.set_ylabel("LoRA step time / full step time")
+    ax.set_title("Is LoRA faster per step? (below 1: yes)")
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=120)
+
+
+# ---------------------------------------------------------------- the report `minilm bench` prints
+
+
+def _row(label: str, values, spec: str) -> str:
+    cells = [("-" if v is None else format(v, spec)).rjust(16) for v in values]
+    return f"{label:<34}" + "".join(cells)
+
+
+def format_cases(cases: list[dict]) -> str:
+    """One column per case: measured, predicted (cost.py), memory."""
+    head = "".join((c["mode"] if c["lora"] is None else f"lora r{c['lora']['rank']}").rjust(16) for c in cases)
+    per_token = lambda key: [c["predicted"]["flops_per_token"][key] / 1e6 for c in cases]
+    mb = lambda key: [None if c["memory"][key] is None else c["memory"][key] / 2**20 for c in cases]
+    lines = [
+        f"{'':<34}{head}",
+        _row("ms per step (median)", [c["ms_per_step"] for c in cases], ",.1f"),
+        _row("tokens per s", [c["tokens_per_s"] for c in cases], ",.0f"),
+        _row("first-step compile, s", [c["compile_s"] for c in cases], ".1f"),
+        _row("MFU (model FLOPs / matmul peak)", [c["mfu"] for c in cases], ".0%"),
+        "predicted (minilm/cost.py):",
+        _row("  MFLOP/token forward", per_token("forward"), ",.1f"),
+        _row("  MFLOP/token input gradients", per_token("input_grad"), ",.1f"),
+        _row("  MFLOP/token weight gradients", per_token("weight_grad"), ",.1f"),
+        _row("  MFLOP/token LoRA extra", per_token("lora_extra"), ",.1f"),
+        _row("  ms matrix products at peak", [c["predicted"]["matmul_ms"] for c in cases], ",.1f"),
+        _row("  ms other work at memory speed", [c["predicted"]["elementwise_ms"] for c in cases], ",.1f"),
+        _row("  ms per step (roofline)", [c["predicted"]["ms_per_step"] for c in cases], ",.1f"),
+        "memory:",
+        _row("  trainable parameters", [c["trainable_params"] for c in cases], ","),
+        _row("  parameters, MiB", mb("params_bytes"), ",.1f"),
+        _row("  gradients, MiB", mb("gradient_bytes"), ",.2f"),
+        _row("  optimizer state, MiB", mb("optimizer_state_bytes"), ",.2f"),
+        _row("  XLA temporaries (activations), MiB", mb("xla_temp_bytes"), ",.0f"),
+        _row("  peak RSS so far, MiB", mb("peak_rss_bytes"), ",.0f"),
+    ]
+    return "\n".join(lines)
+
+
+def ratios(full: dict, lora: dict) -> dict:
+    return {
+        "time": lora["ms_per_step"] / full["ms_per_step"],
+        "model_flops": lora["model_flops"] / full["model_flops"],
+        "predicted_time": lora["predicted"]["ms_per_step"] / full["predicted"]["ms_per_step"],
+        "optimizer_state": lora["memory"]["optimizer_state_bytes"] / full["memory"]["optimizer_state_bytes"],
+    }
+
+
+def explain(r: dict) -> str:
+    """Why LoRA is, or is not, faster per step here, in words computed from the numbers."""
+    return (f"LoRA/full: step time {r['time']:.2f} (measured), FLOPs {r['model_flops']:.2f}, roofline "
+            f"{r['predicted_time']:.2f}; optimizer state {r['optimizer_state']:.1%} of full's.\n"
+            f"LoRA skips only the weight gradients (a third of the matrix FLOPs): frozen layers still run "
+            f"forward and pass gradients down, and the non-matrix work is the same, so the time ratio "
+            f"cannot drop below the FLOP ratio and sits near the roofline's.")

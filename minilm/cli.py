@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import signal
 import sys
 import time
 import typing
 from pathlib import Path
 
+from minilm import hugepages
 from minilm.config import FINETUNE, LORA_LR, PRESETS, DataConfig, ModelConfig, SampleConfig, TrainConfig, preset
 from minilm.errors import MinilmError
 
@@ -322,6 +324,114 @@ def cmd_compare(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- bench
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v]
+    except ValueError:
+        values = []
+    if not values or min(values) <= 0:
+        raise MinilmError(f"{flag} {text!r}: expected positive integers separated by commas, e.g. 128,256")
+    return values
+
+
+def cmd_bench(args) -> int:
+    import jax
+
+    import lora
+    from minilm import bench, checkpoint
+
+    model_cfg, train_cfg = preset(args.preset)
+    model_over = {k: getattr(args, k) for k in ("vocab_size", "context", "width", "layers", "heads")
+                  if getattr(args, k) is not None}
+    model_cfg = dataclasses.replace(model_cfg, **model_over)
+    train_over = {k: getattr(args, k) for k in ("batch_size", "grad_accum", "dtype") if getattr(args, k) is not None}
+    train_cfg = dataclasses.replace(train_cfg, **train_over)
+    lora_cfg = lora.parse_spec(args.lora)
+    if args.steps <= 0:
+        raise MinilmError(f"--steps {args.steps}: must be positive")
+    modes = ["full", "lora"] if args.mode == "both" else [args.mode]
+    if args.sweep:  # check the lists before any timing
+        args.sweep_widths = _int_list(args.sweep_widths, "--sweep-widths")
+        args.sweep_ranks = _int_list(args.sweep_ranks, "--sweep-ranks")
+    if args.json and Path(args.json).is_dir():
+        raise MinilmError(f"--json {args.json} is a folder; give a file name such as bench.json")
+    for mode in modes:  # fail early on an adapter that does not fit the model
+        if mode == "lora":
+            from minilm.cost import adapter_ranks
+            adapter_ranks(model_cfg, lora_cfg)
+
+    print(f"minilm bench: width {model_cfg.width}, {model_cfg.layers} layers, {model_cfg.heads} heads, context "
+          f"{model_cfg.context}, vocabulary {model_cfg.vocab_size}; batch {train_cfg.batch_size} x "
+          f"{train_cfg.grad_accum} = {train_cfg.batch_size * train_cfg.grad_accum * model_cfg.context:,} tokens per "
+          f"step; {train_cfg.dtype}; {jax.device_count()} {jax.default_backend()} device(s), {os.cpu_count()} CPU cores")
+    peak, bandwidth = bench.matmul_peak(), bench.memory_bandwidth()
+    print(f"measured here: matmul peak {peak / 1e9:,.0f} GFLOP/s (1024^3 float32), memory {bandwidth / 1e9:,.1f} GB/s")
+    result = {"machine": {"cpu_count": os.cpu_count(), "backend": jax.default_backend(), "jax": jax.__version__,
+                          "matmul_peak_flops": peak, "memory_bytes_per_s": bandwidth,
+                          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")},
+              "cases": []}
+    for mode in modes:
+        print(f"{mode}: compiling and timing {args.steps} steps ...", flush=True)
+        case = bench.train_step_case(model_cfg, train_cfg, lora_cfg if mode == "lora" else None)
+        result["cases"].append(bench.describe(case, case.run(args.steps), peak, bandwidth))
+        result[mode] = result["cases"][-1]
+    print(bench.format_cases(result["cases"]))
+    if len(modes) == 1:
+        result["ms_per_step"], result["tokens_per_s"] = result[mode]["ms_per_step"], result[mode]["tokens_per_s"]
+    else:
+        result["lora_over_full"] = bench.ratios(result["full"], result["lora"])
+        print(bench.explain(result["lora_over_full"]))
+    if args.sample:
+        print("sampling: compiling and timing, with and without the KV cache ...", flush=True)
+        speed = result["sampling"] = bench.sampling_speed(model_cfg)
+        print(f"sampling {speed['new_tokens']} tokens: {speed['cached_tokens_per_s']:,.0f} tokens/s with the KV cache, "
+              f"{speed['uncached_tokens_per_s']:,.0f} without ({speed['speedup']:.1f}x)")
+    if args.sweep:
+        result["sweep"] = _sweep(args, model_cfg, train_cfg, lora_cfg, peak, bandwidth)
+    if args.json:
+        checkpoint.write_text_atomic(Path(args.json), json.dumps(result, indent=1))
+        print(f"json: {args.json}")
+    return 0
+
+
+def _sweep(args, model_cfg, train_cfg, lora_cfg, peak, bandwidth) -> list[dict]:
+    """LoRA/full step time across widths and ranks (heads of size 64; LoRA with --lora's targets)."""
+    from tqdm import tqdm
+
+    from minilm import bench
+
+    widths, ranks = args.sweep_widths, args.sweep_ranks
+    rows = []
+    with tqdm(total=len(widths) * (1 + len(ranks)), desc="sweep", unit="case") as bar:
+        for width in widths:
+            cfg = dataclasses.replace(model_cfg, width=width, heads=max(1, width // 64))
+            full_case = bench.train_step_case(cfg, train_cfg)
+            full = bench.describe(full_case, full_case.run(args.steps), peak, bandwidth)
+            bar.update(1)
+            for rank in ranks:
+                bar.set_postfix_str(f"width {width} rank {rank}")
+                adapter = dataclasses.replace(lora_cfg, rank=rank, alpha=2.0 * rank)
+                case = bench.train_step_case(cfg, train_cfg, adapter)
+                low = bench.describe(case, case.run(args.steps), peak, bandwidth)
+                r = bench.ratios(full, low)
+                rows.append({"width": width, "rank": rank, "full_ms": full["ms_per_step"], "lora_ms": low["ms_per_step"],
+                             "time_ratio": r["time"], "flop_ratio": r["model_flops"],
+                             "predicted_ratio": r["predicted_time"]})
+                bar.update(1)
+    print(f"{'width':>6} {'rank':>5} {'full ms':>9} {'LoRA ms':>9} {'time ratio':>11} {'FLOP ratio':>11} {'roofline':>9}")
+    for r in rows:
+        print(f"{r['width']:>6} {r['rank']:>5} {r['full_ms']:>9.1f} {r['lora_ms']:>9.1f} {r['time_ratio']:>11.2f} "
+              f"{r['flop_ratio']:>11.2f} {r['predicted_ratio']:>9.2f}")
+    plot = Path(args.plot)
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    bench.ratio_plot(rows, plot)
+    print(f"plot: {plot}")
+    return rows
+
+
 # ---------------------------------------------------------------- sample
 
 
@@ -434,10 +544,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epsilon", type=float, default=0.5,
                    help="intruder threshold on the best |cosine| with the base's singular vectors (default: 0.5)")
     p.set_defaults(func=cmd_compare)
+
+    p = commands.add_parser("bench", help="time a train step, full vs LoRA; FLOPs, memory, sampling speed",
+                            description="Time real train steps of a preset's model (random tokens), full fine-tuning "
+                                        "and/or LoRA, and print measured next to predicted: FLOPs per token split "
+                                        "into forward, input gradients, weight gradients and LoRA's extra work "
+                                        "(minilm/cost.py), MFU against a matmul peak measured here, memory by kind, "
+                                        "compile time, and sampling speed with and without the KV cache.")
+    p.add_argument("--preset", choices=list(PRESETS), default="small", help="model and batch sizes (default: small)")
+    p.add_argument("--mode", choices=["full", "lora", "both"], default="both", help="what to time (default: both)")
+    p.add_argument("--lora", metavar="SPEC", default="rank=8,alpha=16,targets=all-linear",
+                   help="the adapter for --mode lora/both, as for finetune (default: rank=8,alpha=16,targets=all-linear)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per case, after a warm-up step (default: 5)")
+    for name, what in (("vocab-size", "vocabulary size (default: 65, shakespeare-char's)"),
+                       ("context", "context length"), ("width", "model width"), ("layers", "blocks"),
+                       ("heads", "attention heads"), ("batch-size", "sequences per micro-batch"),
+                       ("grad-accum", "micro-batches per step")):
+        p.add_argument(f"--{name}", type=int, help=f"{what} (default: the preset's)" if "default" not in what else what)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="number format of the matrix products "
+                   "(default: float32; weights and optimizer state stay float32)")
+    p.add_argument("--no-sample", dest="sample", action="store_false", help="skip the sampling-speed measurement")
+    p.add_argument("--sweep", action="store_true", help="also time LoRA/full across --sweep-widths and --sweep-ranks")
+    p.add_argument("--sweep-widths", default="128,256,384", metavar="W1,W2", help="widths for --sweep (default: 128,256,384)")
+    p.add_argument("--sweep-ranks", default="1,8,64", metavar="R1,R2", help="ranks for --sweep (default: 1,8,64)")
+    p.add_argument("--plot", default="bench_ratio.png", metavar="PATH",
+                   help="where --sweep draws LoRA/full time against rank and width (default: bench_ratio.png)")
+    p.add_argument("--json", metavar="PATH", help="write every figure to this JSON file")
+    p.set_defaults(func=cmd_bench, vocab_size=65)
     return parser
 
 
 def main(argv=None) -> int:
+    if argv is None:  # a real command line (not a call from Python): restart once with huge pages
+        hugepages.restart_with_huge_pages()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

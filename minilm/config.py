@@ -57,6 +57,9 @@ class ModelConfig:
         return self.mlp_ratio * self.width
 
 
+DTYPES = ("float32", "bfloat16")
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """AdamW with warmup + cosine decay, gradient clipping and accumulation."""
@@ -75,6 +78,8 @@ class TrainConfig:
     eval_batches: int = option(8, "batches in each evaluation")
     checkpoint_every: int = option(200, "save a checkpoint every this many steps (and at the end)")
     seed: int = option(0, "seed for initialisation, batches and the generated corpus")
+    dtype: str = option("float32", "number format of the matrix products: float32, or bfloat16 (weights, "
+                        "gradients and optimizer state stay float32)", metavar="DTYPE")
 
     @property
     def warmup_steps(self) -> int:
@@ -91,6 +96,8 @@ class TrainConfig:
             raise MinilmError("weight_decay and grad_clip must be >= 0")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise MinilmError(f"beta1 = {self.beta1} and beta2 = {self.beta2} must lie in [0, 1)")
+        if self.dtype not in DTYPES:
+            raise MinilmError(f"dtype = {self.dtype!r}; expected one of {', '.join(DTYPES)}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -5,7 +5,8 @@ gradient is needed. The backward pass then costs, per product (m, k) @ (k, n) = 
 
     input gradient   dX = dY Wᵀ      2mkn   if X depends on anything trainable
     weight gradient  dW = Xᵀ dY      2mkn   if W itself is trainable          <- LoRA removes these
-    LoRA extra       x A, (x A) B and their gradients: 2·N·R·(d_in + d_out) each, thin and cheap in FLOPs
+    LoRA extra       per adapted matrix: merging W + s·A B (2·d_in·R·d_out), then in the backward pass
+                     x A, (x A)ᵀ dY, dY Bᵀ, xᵀ (dY Bᵀ): 4·N·R·(d_in + d_out), thin and cheap in FLOPs
 
 so full fine-tuning does ~3x the forward FLOPs and LoRA ~2x (plus the adapters), and the FLOP ratio
 LoRA/full can never fall below ~2/3: frozen layers still run forward and still pass gradients down.
@@ -92,13 +93,15 @@ def products(cfg: ModelConfig, batch: int, adapters: dict[str, int] | None = Non
     K, N = cfg.head_size, batch * cfg.context
     out: list[Product] = []
 
-    def linear(name, x_grad, d_in, d_out, rows=N):
-        """x @ W (+ the adapter's x A, (x A) B); returns whether the output depends on something trainable."""
-        rank = adapters.get(name)
-        out.append(Product(name, "linear", rows, d_in, d_out, 1, x_grad, full))
-        if rank:
-            out.append(Product(name + ".A", "lora", rows, d_in, rank, 1, x_grad, True))
-            out.append(Product(name + ".B", "lora", rows, rank, d_out, 1, True, True))
+    def linear(name, x_grad, d_in, d_out, rank=None):
+        """x @ W, or x @ (W + s·A B) with an adapter (lora.weight.adapted_matmul); returns whether the
+        output depends on something trainable."""
+        rank = rank or adapters.get(name)
+        out.append(Product(name, "linear", N, d_in, d_out, 1, x_grad, full))
+        if rank:  # merge A B once; backward by hand: x A, (x A)ᵀ dy, dy Bᵀ, xᵀ (dy Bᵀ)
+            out.append(Product(name + ".merge", "lora", d_in, rank, d_out, 1, False, False))
+            out.extend(Product(name + part, "lora", m, k, n, 1, False, False) for part, m, k, n in (
+                (".xA", N, d_in, rank), (".dB", rank, N, d_out), (".dyB", N, d_out, rank), (".dA", d_in, N, rank)))
         return x_grad or full or bool(rank)
 
     # The embedding lookup is a gather, not a product; an adapter on it adds A[ids] @ B.
@@ -117,12 +120,7 @@ def products(cfg: ModelConfig, batch: int, adapters: dict[str, int] | None = Non
         hidden = linear(f"{name}.mlp.fc", ln2, D, F)
         x = linear(f"{name}.mlp.proj", hidden, F, D) or x
     # Tied output projection: logits = LN(x) @ Eᵀ; with an adapter on E, W'ᵀ = Eᵀ + s Bᵀ Aᵀ.
-    final = x or full
-    out.append(Product("unembed", "linear", N, D, V, 1, final, full))
-    if "embed" in adapters:
-        rank = adapters["embed"]
-        out.append(Product("unembed.Bt", "lora", N, D, rank, 1, final, True))
-        out.append(Product("unembed.At", "lora", N, rank, V, 1, True, True))
+    linear("unembed", x or full, D, V, rank=adapters.get("embed"))
     return out
 
 

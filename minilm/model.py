@@ -82,8 +82,12 @@ def param_shapes(cfg: ModelConfig) -> dict:
 
 
 def linear(x: jax.Array, p: dict) -> jax.Array:
-    """(N, d_in) -> (N, d_out). The one spelling of a linear layer in the model."""
-    return x @ p["w"] + p["b"]
+    """(N, d_in) -> (N, d_out). The one spelling of a linear layer in the model.
+
+    The product runs in the weight's number format (a no-op in float32; with mixed precision the
+    matrices arrive as bfloat16, see train.mixed_precision) and adding the float32 bias brings the
+    result back to float32, so everything between the products stays float32."""
+    return x.astype(p["w"].dtype) @ p["w"] + p["b"]
 
 
 def layer_norm(x: jax.Array, p: dict, eps: float = 1e-5) -> jax.Array:

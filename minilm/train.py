@@ -27,7 +27,7 @@ import optax
 from minilm import data as data_lib
 from minilm.config import ModelConfig, TrainConfig
 from minilm.model import forward
-from minilm.tree import combine
+from minilm.tree import combine, path_name
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -40,6 +40,29 @@ def loss_fn(trainable, frozen, windows: jax.Array, cfg: ModelConfig, key=None) -
     a loss that adds noise, such as LoRA's dropout, takes one per micro-batch.)"""
     logits = forward(combine(trainable, frozen), windows[:, :-1], cfg)
     return cross_entropy(logits, windows[:, 1:])
+
+
+def mixed_precision(loss, dtype: str):
+    """`loss` with the block matrices cast to `dtype` for its products: mixed precision.
+
+    The cast happens inside the differentiated function, so gradients come back through it in float32
+    and the optimizer keeps float32 weights and state (Micikevicius et al. 2018, "Mixed Precision
+    Training"; bfloat16 has float32's range, so no loss scaling is needed). Embeddings, biases and
+    LayerNorms stay float32, and so do the residual stream, the attention softmax and the loss.
+    """
+    if dtype == "float32":
+        return loss
+
+    def cast(tree):
+        def leaf(path, x):
+            matrix = x.ndim == 2 and not path_name(path).startswith("embed")
+            return x.astype(dtype) if matrix else x
+        return jax.tree_util.tree_map_with_path(leaf, tree)
+
+    def mixed(trainable, frozen, windows, cfg, key=None):
+        return loss(cast(trainable), cast(frozen), windows, cfg, key)
+
+    return mixed
 
 
 def schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -64,7 +87,7 @@ def make_step(model_cfg: ModelConfig, train_cfg: TrainConfig, loss=loss_fn):
     is the language-model loss.
     """
     opt = optimizer(train_cfg)
-    grad_fn = jax.value_and_grad(loss)  # d/d(trainable) only: argument 0
+    grad_fn = jax.value_and_grad(mixed_precision(loss, train_cfg.dtype))  # d/d(trainable) only: argument 0
 
     def step(trainable, frozen, opt_state, windows, key):
         keys = jax.random.split(key, windows.shape[0])

@@ -87,11 +87,11 @@ def test_full_step_costs_three_forwards_and_lora_removes_the_weight_gradients():
     assert full.weight_grad == linear                 # every linear layer's dW, tied unembedding included
     assert full.input_grad < full.forward * 2         # the embedding lookup passes no dX further down
     assert lora_cost.weight_grad == 0 and lora_cost.forward == full.forward
-    # the adapters' own products: 3 (forward, dX, dW) x 2 N R (d_in + d_out) per matrix, minus the dX
-    # of the first block's q, k, v whose input depends on nothing trainable
+    # the adapters' own products, per (d_in, d_out) matrix: the merge A B, 2 d_in R d_out, and four thin
+    # products of the backward pass (x A, (x A)ᵀ dY, dY Bᵀ, xᵀ (dY Bᵀ)), 4 N R (d_in + d_out)
     N, D, F, R = BATCH * CFG.context, CFG.width, CFG.mlp_width, 8
-    per_layer = 4 * 2 * N * R * (2 * D) + 2 * N * R * (D + F) * 2
-    assert lora_cost.lora_extra == 3 * CFG.layers * per_layer - 3 * 2 * N * R * D
+    extra = lambda d_in, d_out: 2 * d_in * R * d_out + 4 * N * R * (d_in + d_out)
+    assert lora_cost.lora_extra == CFG.layers * (4 * extra(D, D) + extra(D, F) + extra(F, D))
 
 
 def test_attention_blocks_cover_the_causal_triangle_once():

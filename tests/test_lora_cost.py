@@ -4,9 +4,11 @@ The LoRA train step differentiates the loss with respect to the adapters only (t
 `(trainable, frozen)`), so the weight-gradient matmul of a frozen matrix, x_inᵀ @ dY (d_in, d_out), is
 never asked for. Checked three ways, each with the full fine-tuning step as the positive control:
 
-    the jaxpr of the step (walked into every sub-jaxpr) has no dot_general whose output has a frozen
-    matrix's shape; the compiled HLO has no such dot; and XLA's own FLOP count drops by at least
-    the hand-counted weight-gradient FLOPs, 2 · tokens · d_in · d_out per frozen matrix.
+    the jaxpr of the step (walked into every sub-jaxpr) has no dot_general that sums over the N tokens
+    into a frozen matrix's shape (a weight gradient xᵀ dY); the compiled HLO has no such dot; and XLA's
+    own FLOP count drops by at least the hand-counted weight-gradient FLOPs, 2 · N · d_in · d_out per
+    frozen matrix. (The merged weight W + s·A B of lora.weight.adapted_matmul is a (d_in, d_out)
+    product too, but it sums over the rank R, not over tokens.)
 
 Sizes are pairwise distinct, so a frozen matrix's shape cannot be mistaken for an activation's:
     B 6, T 29 (tokens N = 174), H 4, K 10, D 40, F 160, V 13, L 2, R 1.
@@ -75,18 +77,22 @@ def compiled(steps):
     return {kind: step.lower(*args).compile() for kind, (step, args) in steps.items()}
 
 
-def dot_output_shapes(jaxpr) -> list[tuple[int, ...]]:
+def dot_output_shapes(jaxpr, contracting: int | None = None) -> list[tuple[int, ...]]:
     """Output shapes of every dot_general in a jaxpr and, recursively, in every jaxpr inside it
-    (jit/pjit, scan, cond branches, custom_jvp/custom_vjp, remat ...)."""
+    (jit/pjit, scan, cond branches, custom_jvp/custom_vjp, remat ...); with `contracting`, only the
+    dots that sum over that many elements."""
     shapes = []
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general":
-            shapes.extend(tuple(v.aval.shape) for v in eqn.outvars)
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            summed = int(np.prod([eqn.invars[0].aval.shape[d] for d in lhs_contract]))
+            if contracting is None or summed == contracting:
+                shapes.extend(tuple(v.aval.shape) for v in eqn.outvars)
         for param in eqn.params.values():
             for sub in param if isinstance(param, (list, tuple)) else [param]:
                 inner = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
                 if hasattr(inner, "eqns"):
-                    shapes.extend(dot_output_shapes(inner))
+                    shapes.extend(dot_output_shapes(inner, contracting))
     return shapes
 
 
@@ -104,20 +110,30 @@ def test_lora_step_jaxpr_has_no_frozen_weight_gradient(steps, micro_batches):
     shapes = {}
     for kind, (step, (trainable, frozen, opt_state, windows, key)) in steps.items():
         windows = jnp.tile(windows, (micro_batches, 1, 1))  # (A, B, T + 1)
-        shapes[kind] = dot_output_shapes(jax.make_jaxpr(step)(trainable, frozen, opt_state, windows, key).jaxpr)
+        jaxpr = jax.make_jaxpr(step)(trainable, frozen, opt_state, windows, key).jaxpr
+        shapes[kind] = dot_output_shapes(jaxpr, contracting=N)  # sums over the tokens
     assert FROZEN_SHAPES <= either_way(shapes["full"])  # positive control: full FT computes every dL/dW
     assert not FROZEN_SHAPES & either_way(shapes["lora"]), sorted(set(shapes["lora"]))
     assert {(D, R), (R, D)} <= set(shapes["lora"])  # what it does compute: the adapters' dL/dA, dL/dB
 
 
-def hlo_dot_shapes(hlo_text: str) -> set[tuple[int, ...]]:
-    """Output shapes of the `dot` instructions in XLA's optimised HLO text, e.g. `f32[20,80]{1,0} dot(`."""
-    return {tuple(int(d) for d in dims.split(",") if d)
-            for dims in re.findall(r"= f32\[([\d,]*)\](?:\{[^}]*\})? dot\(", hlo_text)}
+def hlo_dot_shapes(hlo_text: str, contracting: int) -> set[tuple[int, ...]]:
+    """Output shapes of the `dot` instructions in XLA's optimised HLO text that sum over `contracting`
+    elements, e.g. `%dot.3 = f32[20,80]{1,0} dot(%a, %b), lhs_contracting_dims={0}, ...`. Operand
+    shapes come from their own definitions (`%a = f32[174,20]{1,0} ...`) anywhere in the module."""
+    dims = lambda text: tuple(int(d) for d in text.split(",") if d)
+    shapes = {name: dims(d) for name, d in re.findall(r"%([\w.\-]+) = f32\[([\d,]*)\]", hlo_text)}
+    found = set()
+    for out, lhs, contract in re.findall(
+            r"= f32\[([\d,]*)\](?:\{[^}]*\})? dot\(%([\w.\-]+), %[\w.\-]+\), lhs_contracting_dims=\{([\d,]*)\}",
+            hlo_text):
+        if int(np.prod([shapes[lhs][d] for d in dims(contract)])) == contracting:
+            found.add(dims(out))
+    return found
 
 
 def test_lora_step_compiled_hlo_has_no_frozen_weight_gradient(compiled):
-    shapes = {kind: hlo_dot_shapes(c.as_text()) for kind, c in compiled.items()}
+    shapes = {kind: hlo_dot_shapes(c.as_text(), contracting=N) for kind, c in compiled.items()}
     assert shapes["lora"], "no dot found: the HLO text format changed, fix hlo_dot_shapes"
     assert FROZEN_SHAPES <= either_way(shapes["full"])  # positive control
     assert not FROZEN_SHAPES & either_way(shapes["lora"]), sorted(shapes["lora"])

@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from minilm import hugepages
+
 HERE = Path(__file__).resolve().parent
 TARGET_CHOICES = ("all-linear", "attn.*", "attn.q,attn.v")
 ALIASES = {"attn-all": "attn.*", "attn-qv": "attn.q,attn.v"}
@@ -48,14 +50,16 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=5, help="rounds of alternation")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per worker per round")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="bfloat16: torch autocast around forward + loss, float32 master weights; ours "
-                             "is timed only once minilm.bench.train_step_case takes a dtype")
+                        help="bfloat16: torch autocast around forward + loss; ours: mixed precision "
+                             "(train.mixed_precision); float32 master weights and optimizer state on both sides")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per worker after building")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads; unset: os.cpu_count(), torch's own default")
     parser.add_argument("--settle", type=float, default=0.2,
                         help="seconds to wait before each worker's turn, so the previous worker's spinning "
                              "threads have gone to sleep")
+    parser.add_argument("--no-huge-pages", action="store_true",
+                        help="do not give both workers glibc's huge-page tunable (minilm/hugepages.py)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="also write every figure and raw time here")
     args = parser.parse_args(argv)
@@ -84,7 +88,10 @@ class Worker:
         if args.threads:
             command += ["--threads", str(args.threads)]
         start = time.perf_counter()
-        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        # Both sides get the same allocator setting: glibc's huge pages (minilm/hugepages.py) unless turned off.
+        env = dict(os.environ) if args.no_huge_pages else hugepages.environment()
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+                                     env=env)
         self.facts = self.receive()
         self.facts["startup_seconds"] = time.perf_counter() - start
         self.times: list[float] = []

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import os
 import resource
@@ -73,20 +72,11 @@ class JaxSide:
         lora_cfg = None
         if args.mode == "lora":
             lora_cfg = lora.LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=lora_targets(args.targets))
-        kwargs = {}
-        self.case = None
+        train_cfg = dataclasses.replace(train_cfg, dtype=args.dtype)  # bfloat16: mixed precision (train.py)
         self.facts = {"jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count(),
                       "tokens_per_step": train_cfg.grad_accum * train_cfg.batch_size * model_cfg.context,
                       "batch": train_cfg.grad_accum * train_cfg.batch_size, "context": model_cfg.context}
-        if args.dtype != "float32":
-            if "dtype" not in inspect.signature(minilm.bench.train_step_case).parameters:
-                # Not timed; the counts still come from the real parameter trees, for the check in run.py.
-                self.facts.update(available=False, reason=f"minilm.bench.train_step_case has no dtype "
-                                                          f"argument yet: no {args.dtype} step to time")
-                self.facts.update(self._counts_only(model_cfg, lora_cfg, args.seed))
-                return
-            kwargs["dtype"] = args.dtype
-        self.case = minilm.bench.train_step_case(model_cfg, train_cfg, lora_cfg, seed=args.seed, **kwargs)
+        self.case = minilm.bench.train_step_case(model_cfg, train_cfg, lora_cfg, seed=args.seed)
         if args.warmup:
             self.case.run(args.warmup)
         counts = self.case.counts()
@@ -96,27 +86,11 @@ class JaxSide:
                           xla_flops=self.case.xla.get("flops"), xla_temp_bytes=self.case.xla.get("temp_bytes"),
                           optimizer_state_bytes=memory["optimizer_state_bytes"])
 
-    @staticmethod
-    def _counts_only(model_cfg, lora_cfg, seed) -> dict:
-        import jax
-
-        import lora
-        from minilm.model import init
-        from minilm.tree import size
-
-        params = init(model_cfg, key=jax.random.key(seed))
-        base = size(params)
-        if lora_cfg is None:
-            return {"trainable_params": base, "total_params": base, "base_params": base}
-        trainable, frozen = lora.split(lora.attach(params, lora_cfg, key=jax.random.key(seed + 1)), lora_cfg)
-        return {"trainable_params": size(trainable), "total_params": size(trainable) + size(frozen),
-                "base_params": base}
-
     def run(self, steps: int) -> dict:
         return {"times": self.case.run(steps)}
 
     def final(self) -> dict:
-        return {"peak_rss_bytes": self.case.memory()["peak_rss_bytes"]} if self.case else {}
+        return {"peak_rss_bytes": self.case.memory()["peak_rss_bytes"]}
 
 
 class TorchSide:
