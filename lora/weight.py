@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from minilm.model import product
+
 
 def column_norm(w: jax.Array) -> jax.Array:
     """(d_in, d_out) -> (d_out,): the length of each output unit's weight vector."""
@@ -134,14 +136,14 @@ def adapted_matmul(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale
     Numerically the same to float32 rounding (tests/test_lora.py checks the values and gradients
     against the plain formula and against finite differences).
     """
-    return x @ (w + scale * (a @ b))
+    return product(x, w + scale * (a @ b))
 
 
 def _adapted_matmul_fwd(x, w, a, b, scale):
     needed = _Needed(dx=x.perturbed, dw=w.perturbed)  # custom_vjp's symbolic zeros say what is trained
     x, w, a, b = x.value, w.value, a.value, b.value
     merged = w + scale * (a @ b)  # (d_in, d_out)
-    return x @ merged, (x, merged, a, b, needed)
+    return product(x, merged), (x, merged, a, b, needed)
 
 
 def _adapted_matmul_bwd(scale, residuals, dy):
@@ -149,7 +151,7 @@ def _adapted_matmul_bwd(scale, residuals, dy):
     dy_b = dy @ b.T                                     # (N, R)
     da = scale * (x.T @ dy_b)                           # (d_in, R)
     db = scale * ((x @ a).T @ dy)                       # (R, d_out)
-    dx = dy @ merged.T if needed.dx else None           # (N, d_in), only if something below trains
+    dx = product(dy, merged.T) if needed.dx else None  # (N, d_in), only if something below trains
     dw = x.T @ dy if needed.dw else None                # only if W itself trains (never in LoRA)
     return dx, dw, da, db
 

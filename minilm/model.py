@@ -81,13 +81,24 @@ def param_shapes(cfg: ModelConfig) -> dict:
 # ---------------------------------------------------------------- layers
 
 
-def linear(x: jax.Array, p: dict) -> jax.Array:
-    """(N, d_in) -> (N, d_out). The one spelling of a linear layer in the model.
+def product(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x @ w in w's number format, accumulated and returned in float32 (or in x's type, if wider).
 
-    The product runs in the weight's number format (a no-op in float32; with mixed precision the
-    matrices arrive as bfloat16, see train.mixed_precision) and adding the float32 bias brings the
-    result back to float32, so everything between the products stays float32."""
-    return x.astype(p["w"].dtype) @ p["w"] + p["b"]
+    In float32 this is plain x @ w. With mixed precision (train.mixed_precision) w arrives as bfloat16:
+    x is rounded to bfloat16 too and the product accumulates in float32. Asking for the float32 result
+    matters: XLA's CPU backend turns a bfloat16 x bfloat16 -> bfloat16 product back into float32 work,
+    while bfloat16 x bfloat16 -> float32 runs as a real bfloat16 product.
+    """
+    out = jnp.promote_types(x.dtype, jnp.float32)
+    return jnp.matmul(x.astype(w.dtype), w, preferred_element_type=out)
+
+
+def linear(x: jax.Array, p: dict) -> jax.Array:
+    """(N, d_in) -> (N, d_out). The one spelling of a linear layer in the model: x @ W + b.
+
+    A weight that is not an array (a LoRA weight, lora/weight.py) computes its own `x @ W`."""
+    w = p["w"]
+    return (product(x, w) if isinstance(w, jax.Array) else x @ w) + p["b"]
 
 
 def layer_norm(x: jax.Array, p: dict, eps: float = 1e-5) -> jax.Array:
