@@ -6,12 +6,18 @@ Benchmarks are not part of `pytest -q` (pyproject.toml's testpaths is `tests`); 
 
 from __future__ import annotations
 
+import os
 import re
-import time
+import warnings
 
-import jax
-import jax.numpy as jnp
 import pytest
+
+import minilm.bench
+from minilm import hugepages
+
+if hugepages.useful() and "glibc.malloc.hugetlb" not in os.environ.get("GLIBC_TUNABLES", ""):
+    warnings.warn("GLIBC_TUNABLES lacks glibc.malloc.hugetlb=1: steps will be ~15% slower than `make bench` "
+                  "(see minilm/hugepages.py)", stacklevel=1)
 
 RESULTS: list[dict] = []  # one row per benchmarked case, in run order; printed by pytest_terminal_summary
 
@@ -28,17 +34,13 @@ def matmul_peak() -> float:
     Measured rather than taken from a data sheet: what XLA's CPU GEMM reaches here is the ceiling a
     train step can hope for.
     """
-    n = 1024
-    a = jax.random.normal(jax.random.key(0), (n, n))
-    b = jax.random.normal(jax.random.key(1), (n, n))
-    matmul = jax.jit(jnp.matmul)
-    jax.block_until_ready(matmul(a, b))  # compile
-    best = float("inf")
-    for _ in range(10):
-        start = time.perf_counter()
-        jax.block_until_ready(matmul(a, b))
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+    return minilm.bench.matmul_peak()
+
+
+@pytest.fixture(scope="session")
+def bandwidth() -> float:
+    """Bytes/s of a streaming elementwise op: the cost model's slope for non-matrix work."""
+    return minilm.bench.memory_bandwidth()
 
 
 def _fmt(value, spec: str) -> str:
@@ -51,17 +53,19 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     tr = terminalreporter
     tr.section("train step: derived figures")
-    head = (f"{'case':<28} {'ms/step':>9} {'tokens/s':>9} {'trainable':>11} {'opt bytes':>12} "
+    head = (f"{'case':<32} {'ms/step':>9} {'predicted':>9} {'tokens/s':>9} {'trainable':>11} {'opt bytes':>12} "
             f"{'GFLOP':>7} {'MFU':>5} {'t ratio':>7} {'F ratio':>7} {'others':>6}")
     tr.write_line(head)
     for r in RESULTS:
         tr.write_line(
-            f"{r['case']:<28} {_fmt(r.get('ms_per_step'), '9.1f')} {_fmt(r.get('tokens_per_s'), '9,.0f')} "
-            f"{r['trainable_params']:>11,} {r['optimizer_state_bytes']:>12,} "
-            f"{_fmt(r.get('xla_flops') and r['xla_flops'] / 1e9, '7.2f')} {_fmt(r.get('mfu'), '5.2f')} "
+            f"{r['case']:<32} {_fmt(r.get('ms_per_step'), '9.1f')} {_fmt(r['predicted']['ms_per_step'], '9.1f')} "
+            f"{_fmt(r.get('tokens_per_s'), '9,.0f')} {r['trainable_params']:>11,} {r['optimizer_state_bytes']:>12,} "
+            f"{r['model_flops'] / 1e9:7.2f} {_fmt(r.get('mfu'), '5.2f')} "
             f"{_fmt(r.get('lora_full_time_ratio'), '7.2f')} {_fmt(r.get('lora_full_flops_ratio'), '7.2f')} "
             f"{_fmt(r.get('other_cpu_fraction'), '6.0%')}")
-    tr.write_line("t ratio: this step's median time / the full step's on the same preset; "
-                  "F ratio: the same for XLA's FLOP count;")
+    tr.write_line("predicted: minilm/cost.py's roofline (matrix FLOPs at the matmul peak + other work at memory "
+                  "speed); GFLOP: the step's matrix-product FLOPs (cost.py, exact); MFU: those / time / peak;")
+    tr.write_line("t ratio: this step's median time / the full step's on the same preset and dtype; "
+                  "F ratio: the same for the FLOPs;")
     tr.write_line("others: share of all CPUs used by other processes while this case was timed "
                   "(well above 0%: contended, times inflated)")

@@ -33,14 +33,11 @@ import os
 import resource
 import time
 
-import jax
 import pytest
 
 import lora
+import minilm.bench
 import minilm.config
-import minilm.model
-import minilm.train
-import minilm.tree
 
 VOCAB_SIZE = 65  # shakespeare-char's vocabulary (the associations corpus would be 122)
 ROUNDS = {"tiny": 50, "small": 5}  # a small step takes ~1-2 s on 2 CPU cores, a tiny one ~10-50 ms
@@ -59,35 +56,16 @@ CASES = [pytest.param(preset, rank, targets, id=_case_id(preset, rank, targets))
          for preset in ("tiny", "small")
          for rank, targets in [(None, None)] + [(r, t) for r in RANKS for t in TARGETS.values()]]
 
-FULL = {}  # preset -> {"ms": median ms of the full step, "flops": its XLA FLOPs}, filled by the full cases
+FULL = {}  # (preset, dtype) -> {"ms": median ms of the full step, "flops": its model FLOPs}
 
 
-def _setup(preset: str, rank: int | None, targets: tuple[str, ...] | None):
+def _case(preset: str, rank: int | None, targets: tuple[str, ...] | None, dtype: str = "float32"):
+    """minilm.bench's step for this case: compiled (timed), warm, with its real parameters and state."""
     model_cfg, train_cfg = minilm.config.preset(preset)
     model_cfg = dataclasses.replace(model_cfg, vocab_size=VOCAB_SIZE)
-    params = minilm.model.init(model_cfg, key=jax.random.key(0))
-    if rank is None:
-        trainable, frozen = minilm.tree.partition(params, lambda name: True)
-        loss = minilm.train.loss_fn
-    else:
-        cfg = lora.LoraConfig(rank=rank, alpha=2 * rank, targets=targets)
-        adapted = lora.attach(params, cfg, key=jax.random.key(1))
-        trainable, frozen = lora.split(adapted, cfg)
-        loss = lora.loss_fn
-    step = minilm.train.make_step(model_cfg, train_cfg, loss)
-    opt_state = minilm.train.optimizer(train_cfg).init(trainable)
-    shape = (train_cfg.grad_accum, train_cfg.batch_size, model_cfg.context + 1)
-    windows = jax.random.randint(jax.random.key(3), shape, 0, VOCAB_SIZE)
-    tokens_per_step = train_cfg.grad_accum * train_cfg.batch_size * model_cfg.context
-    return step, (trainable, frozen, opt_state, windows, jax.random.key(2)), tokens_per_step
-
-
-def _cost(compiled) -> dict:
-    """XLA's cost analysis as one dict (older JAX returns a list with one dict per device)."""
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
-    return dict(cost or {})
+    train_cfg = dataclasses.replace(train_cfg, dtype=dtype)
+    lora_cfg = None if rank is None else lora.LoraConfig(rank=rank, alpha=2 * rank, targets=targets)
+    return minilm.bench.train_step_case(model_cfg, train_cfg, lora_cfg)
 
 
 def _cpu_times():
@@ -110,63 +88,45 @@ def _other_cpu_fraction(before, after) -> float | None:
     return max(0.0, others / (wall * os.cpu_count()))
 
 
-def _nbytes(tree) -> int:
-    return sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(tree))
-
-
 @pytest.mark.parametrize("preset, rank, targets", CASES)
-def test_train_step(benchmark, results, matmul_peak, preset, rank, targets):
-    step, args, tokens_per_step = _setup(preset, rank, targets)
-    trainable, frozen, opt_state = args[:3]
+def test_train_step(benchmark, results, matmul_peak, bandwidth, preset, rank, targets):
+    _bench(benchmark, results, matmul_peak, bandwidth, preset, rank, targets, "float32")
 
-    start = time.perf_counter()
-    compiled = step.lower(*args).compile()  # for the cost figures; jit's cache shares it
-    compile_s = time.perf_counter() - start
-    cost = _cost(compiled)
-    memory = compiled.memory_analysis()
-    jax.block_until_ready(step(*args))  # compiled (cache hit) and warm before any timing
-    jax.block_until_ready(step(*args))
 
-    def one_step():
-        return jax.block_until_ready(step(*args))
+BF16_CASES = [pytest.param(rank, targets, id=_case_id("small", rank, targets) + "-bf16")
+              for rank, targets in [(None, None), (8, ("all-linear",))]]
 
+
+@pytest.mark.parametrize("rank, targets", BF16_CASES)
+def test_train_step_bfloat16(benchmark, results, matmul_peak, bandwidth, rank, targets):
+    """Mixed precision (TrainConfig.dtype = bfloat16): the matrix products in bfloat16, the rest float32."""
+    _bench(benchmark, results, matmul_peak, bandwidth, "small", rank, targets, "bfloat16")
+
+
+def _bench(benchmark, results, matmul_peak, bandwidth, preset, rank, targets, dtype):
+    case = _case(preset, rank, targets, dtype)
+    case.run(1)  # a second warm step before timing
     before = _cpu_times()
-    benchmark.pedantic(one_step, rounds=ROUNDS[preset], iterations=1, warmup_rounds=1)
+    benchmark.pedantic(lambda: case.run(1), rounds=ROUNDS[preset], iterations=1, warmup_rounds=1)
     other_cpu = _other_cpu_fraction(before, _cpu_times())
-
-    flops = cost.get("flops")
-    info = {
-        "preset": preset,
-        "method": "full" if rank is None else "lora",
-        "rank": rank,
-        "targets": None if targets is None else ",".join(targets),
-        "vocab_size": VOCAB_SIZE,
-        "tokens_per_step": tokens_per_step,
-        "trainable_params": minilm.tree.size(trainable),
-        "total_params": minilm.tree.size(trainable) + minilm.tree.size(frozen),
-        "optimizer_state_bytes": _nbytes(opt_state),
-        "xla_flops": flops,
-        "xla_bytes_accessed": cost.get("bytes accessed"),
-        "xla_temp_bytes": getattr(memory, "temp_size_in_bytes", None),
-        "compile_s": compile_s,
-        "matmul_peak_gflops": matmul_peak / 1e9,
-        "other_cpu_fraction": other_cpu,
-    }
     stats = getattr(benchmark, "stats", None)  # None under --benchmark-disable: no timings to derive from
+    times = [stats.stats.median] if stats is not None else case.run(1)
+    info = minilm.bench.describe(case, times, matmul_peak, bandwidth)
+    info.update(preset=preset, other_cpu_fraction=other_cpu, matmul_peak_gflops=matmul_peak / 1e9,
+                optimizer_state_bytes=info["memory"]["optimizer_state_bytes"],
+                xla_temp_bytes=info["memory"]["xla_temp_bytes"])
     if stats is not None:
-        median = stats.stats.median
-        info["ms_per_step"] = median * 1e3
         info["ms_per_step_min"] = stats.stats.min * 1e3  # less sensitive to other processes on the CPUs
-        info["tokens_per_s"] = tokens_per_step / median
-        if flops:
-            info["mfu"] = flops / median / matmul_peak
+    else:  # no timings: keep the counts, drop the single untimed-by-benchmark step's figures
+        for key in ("ms_per_step", "ms_per_step_min", "tokens_per_s", "mfu"):
+            info.pop(key, None)
+    key = (preset, dtype)
     if rank is None:
-        FULL[preset] = {"ms": info.get("ms_per_step"), "flops": flops}
-    elif preset in FULL:
-        full = FULL[preset]
+        FULL[key] = {"ms": info.get("ms_per_step"), "flops": info["model_flops"]}
+    elif key in FULL:
+        full = FULL[key]
         if full["ms"] and "ms_per_step" in info:
             info["lora_full_time_ratio"] = info["ms_per_step"] / full["ms"]
-        if full["flops"] and flops:
-            info["lora_full_flops_ratio"] = flops / full["flops"]
+        info["lora_full_flops_ratio"] = info["model_flops"] / full["flops"]
     benchmark.extra_info.update(info)
-    results.append({"case": _case_id(preset, rank, targets), **info})
+    results.append({"case": _case_id(preset, rank, targets) + ("" if dtype == "float32" else "-bf16"), **info})
