@@ -53,6 +53,10 @@ def parse_args(argv=None):
                         help="bfloat16: torch autocast around forward + loss; ours: mixed precision "
                              "(train.mixed_precision); float32 master weights and optimizer state on both sides")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per worker after building")
+    parser.add_argument("--turn-warmup", type=int, default=1,
+                        help="untimed steps at the start of each turn: the first step after a worker has waited "
+                             "for the others is slower (on this VM ~+600 ms for ours, less for torch), which "
+                             "continuous training never sees")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads; unset: os.cpu_count(), torch's own default")
     parser.add_argument("--settle", type=float, default=0.2,
@@ -122,8 +126,8 @@ class Worker:
         self.proc.stdin.flush()
         return self.receive()
 
-    def run(self, steps: int) -> None:
-        reply = self.send({"cmd": "run", "steps": steps})
+    def run(self, steps: int, untimed: int = 0) -> None:
+        reply = self.send({"cmd": "run", "steps": steps, "untimed": untimed})
         self.times += reply["times"]
         if reply.get("other_cpu_fraction") is not None:
             self.other_cpu.append(reply["other_cpu_fraction"])
@@ -217,7 +221,7 @@ def main(argv=None) -> int:
         for r in range(args.rounds):
             for w in (timed if r % 2 == 0 else timed[::-1]):
                 time.sleep(args.settle)
-                w.run(args.steps)
+                w.run(args.steps, args.turn_warmup)
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     except RuntimeError as e:  # a worker failed: its traceback is above, on stderr
         print(f"run.py: {e}", file=sys.stderr)
@@ -244,7 +248,7 @@ def main(argv=None) -> int:
                    "torch_interop_threads": torch_facts.get("torch_interop_threads"),
                    "torch_cpu_capability": torch_facts.get("cpu_capability"),
                    "attn_implementation": torch_facts.get("attn_implementation")}
-    settings = {k: getattr(args, k) for k in ("preset", "mode", "rank", "targets", "rounds", "steps", "dtype",
+    settings = {k: getattr(args, k) for k in ("preset", "mode", "rank", "targets", "rounds", "steps", "turn_warmup", "dtype",
                                              "warmup", "settle", "seed", "threads")}
 
     print()

@@ -7,7 +7,7 @@ steps on request. run.py starts it and talks to it; you do not normally run it b
 Protocol: one JSON object per line. The worker writes {"ready": true, ...facts...} once it has built
 and warmed its step (or {"error": "..."} and exits 1), then reads commands from stdin:
 
-    {"cmd": "run", "steps": 3}  ->  {"times": [s, s, s], "other_cpu_fraction": f, "loss": x}
+    {"cmd": "run", "steps": 3, "untimed": 1}  ->  {"times": [s, s, s], "other_cpu_fraction": f, "loss": x}
     {"cmd": "quit"}             ->  exits 0 (so does end of input)
 
 The protocol has this process's real stdout to itself: the worker points file descriptor 1 at stderr,
@@ -161,6 +161,8 @@ def main(argv=None) -> int:
         if command.get("cmd") == "quit":
             break
         if command.get("cmd") == "run":
+            if command.get("untimed"):  # back in steady state after waiting for the other workers
+                side.run(int(command["untimed"]))
             before = cpu_times()
             result = side.run(int(command.get("steps", 1)))
             result["other_cpu_fraction"] = other_cpu_fraction(before, cpu_times())
