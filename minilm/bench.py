@@ -295,12 +295,12 @@ def explain(r: dict) -> str:
     verdict = ("faster" if r["time"] < 0.95 else "not faster") + " per step"
     gap = r["time"] - r["predicted_time"]
     if gap > 0.05:
-        why = (f"though less than the roofline's {r['predicted_time']:.2f}: the adapters' thin products and "
+        why = (f"its time ratio above the roofline's {r['predicted_time']:.2f}: the adapters' thin products and "
                f"extra passes run far below the matmul peak")
     elif gap < -0.05:
-        why = f"more than the roofline's {r['predicted_time']:.2f}: the full step runs further below the peak"
+        why = f"its time ratio below the roofline's {r['predicted_time']:.2f}: the full step runs further below the peak"
     else:
-        why = "about as the roofline predicts"
+        why = f"as the roofline predicts ({r['predicted_time']:.2f})"
     return (f"LoRA/full: step time {r['time']:.2f} (measured), matrix FLOPs {r['model_flops']:.2f}, roofline "
             f"{r['predicted_time']:.2f}; optimizer state {r['optimizer_state']:.1%} of full's.\n"
             f"LoRA is {verdict}, {why}. It skips only the weight gradients, a third of a frozen layer's "
