@@ -121,7 +121,7 @@ def attention_layer(x, p, cfg: ModelConfig, batch: int, positions, cache=None):
         return y.reshape(batch, T, cfg.heads, cfg.head_size)  # (B·T, D) -> (B, T, H, K)
 
     q, k, v = heads(linear(x, p["q"])), heads(linear(x, p["k"])), heads(linear(x, p["v"]))
-    if cache is None:  # a whole sequence: the same maths as below, skipping the masked half
+    if cache is None:  # a whole sequence from position 0: the same maths as below, skipping the masked half
         out, probs = causal_self_attention(q, k, v)
     else:
         start = (0, positions[0], 0, 0)
