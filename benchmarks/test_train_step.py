@@ -29,15 +29,13 @@ the order listed below, full first); selecting a LoRA case alone with -k leaves 
 from __future__ import annotations
 
 import dataclasses
-import os
-import resource
-import time
 
 import pytest
 
 import lora
 import minilm.bench
 import minilm.config
+from minilm.contention import cpu_times, other_cpu_fraction
 
 VOCAB_SIZE = 65  # shakespeare-char's vocabulary (the associations corpus would be 122)
 ROUNDS = {"tiny": 50, "small": 5}  # a small step takes ~1-2 s on 2 CPU cores, a tiny one ~10-50 ms
@@ -68,26 +66,6 @@ def _case(preset: str, rank: int | None, targets: tuple[str, ...] | None, dtype:
     return minilm.bench.train_step_case(model_cfg, train_cfg, lora_cfg)
 
 
-def _cpu_times():
-    """(wall s, CPU s busy on the whole machine, CPU s used by this process), or None off Linux."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    busy = sum(fields[:8]) - fields[3] - fields[4]  # user nice system [idle iowait] irq softirq steal
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), usage.ru_utime + usage.ru_stime
-
-
-def _other_cpu_fraction(before, after) -> float | None:
-    if before is None or after is None:
-        return None
-    wall = after[0] - before[0]
-    others = (after[1] - before[1]) - (after[2] - before[2])
-    return max(0.0, others / (wall * os.cpu_count()))
-
-
 @pytest.mark.parametrize("preset, rank, targets", CASES)
 def test_train_step(benchmark, results, matmul_peak, bandwidth, preset, rank, targets):
     _bench(benchmark, results, matmul_peak, bandwidth, preset, rank, targets, "float32")
@@ -106,9 +84,9 @@ def test_train_step_bfloat16(benchmark, results, matmul_peak, bandwidth, rank, t
 def _bench(benchmark, results, matmul_peak, bandwidth, preset, rank, targets, dtype):
     case = _case(preset, rank, targets, dtype)
     case.run(1)  # a second warm step before timing
-    before = _cpu_times()
+    before = cpu_times()
     benchmark.pedantic(lambda: case.run(1), rounds=ROUNDS[preset], iterations=1, warmup_rounds=1)
-    other_cpu = _other_cpu_fraction(before, _cpu_times())
+    other_cpu = other_cpu_fraction(before, cpu_times())
     stats = getattr(benchmark, "stats", None)  # None under --benchmark-disable: no timings to derive from
     times = [stats.stats.median] if stats is not None else case.run(1)
     info = minilm.bench.describe(case, times, matmul_peak, bandwidth)

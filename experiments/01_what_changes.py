@@ -64,6 +64,12 @@ def claims(result: dict, losses: dict) -> list[dict]:
         """`note`: why a verdict differs from what the literature reports, from this run's numbers."""
         out.append({"claim": text, "evidence": evidence, "verdict": verdict, "note": "" if verdict == "true" else note})
 
+    def held_by(holds: list, among: list) -> str:
+        """true when the claim holds for every model in `among`, else for which ones it does."""
+        if len(holds) == len(among):
+            return "true"
+        return f"true only for {', '.join(holds)}" if holds else "false"
+
     def median_relative(m):
         return float(np.median([r["relative"] for r in result["weights"][m].values()
                                 if "energy_rank_delta" in r and r["fro"] > 0]))
@@ -100,7 +106,7 @@ def claims(result: dict, losses: dict) -> list[dict]:
     claim("Concepts trained together move closer (last layer: Δcos of bound pairs minus Δcos of controls > 0).",
           "; ".join(f"{m}: pairs {pair_shift(last[m], 'pairs'):+.3f}, controls "
                     f"{pair_shift(last[m], 'controls'):+.3f}" for m in names),
-          "true" if len(yes) == len(names) else (f"true only for {', '.join(yes)}" if yes else "false"),
+          held_by(yes, names),
           "The cosines are of hidden states read in the pretraining corpus's contexts. bindings teaches which word "
           "comes next ('justice and' -> 'morality'), which the attention and MLP read-out can learn without pulling "
           f"the two words' own states together: pairs-minus-controls ranges from {min(closer.values()):+.3f} to "
@@ -114,7 +120,7 @@ def claims(result: dict, losses: dict) -> list[dict]:
     claim(f"Attention now looks elsewhere (some head's mean Jensen–Shannon divergence > {JS_CHANGED} nats).",
           "; ".join(f"{m}: max {js[m].max():.3f} (layer {top[m][0]} head {top[m][1]}), mean {js[m].mean():.3f}"
                     for m in names),
-          "true" if len(changed) == len(names) else (f"true only for {', '.join(changed)}" if changed else "false"))
+          held_by(changed, names))
 
     # 5. clusters denser
     def silhouettes(m, who):
@@ -126,7 +132,7 @@ def claims(result: dict, losses: dict) -> list[dict]:
     claim("Semantic clusters become denser (silhouette of concepts/objects/agents higher at most layers).",
           "; ".join(f"{m}: higher at {denser[m]} of {n_layers} layers (last: "
                     f"{silhouettes(m, 'base')[-1]:.3f} -> {silhouettes(m, 'tuned')[-1]:.3f})" for m in names),
-          "true" if len(yes) == len(names) else (f"true only for {', '.join(yes)}" if yes else "false"),
+          held_by(yes, names),
           "The groups scored (concepts, objects, agents) come from the pretraining corpus; bindings uses concept "
           "words only, in new sentences, so nothing in it separates the three groups further. The last-layer "
           "silhouette changed by "
@@ -177,7 +183,7 @@ def claims(result: dict, losses: dict) -> list[dict]:
           "base-corpus loss than full fine-tuning.",
           "; ".join(f"{m}: bindings loss {learn[m]:.3f}, associations loss rise {forget[m]:+.3f}" for m in names)
           + f" (base: bindings {losses['base']['finetune_loss']:.3f}, associations {losses['base']['base_loss']:.3f}).",
-          "true" if len(less) == len(lora_names) else (f"true only for {', '.join(less)}" if less else "false"),
+          held_by(less, lora_names),
           "All variants were stopped at about the same fine-tuning loss, so 'learns less' cannot show here. To get "
           f"there LoRA used a {losses[lora_names[0]].get('lr', float('nan')) / losses[full_names[0]].get('lr', 1):g}x "
           "larger learning rate and moved its matrices further (median relative change "

@@ -358,10 +358,9 @@ def cmd_bench(args) -> int:
         args.sweep_ranks = _int_list(args.sweep_ranks, "--sweep-ranks")
     if args.json and Path(args.json).is_dir():
         raise MinilmError(f"--json {args.json} is a folder; give a file name such as bench.json")
-    for mode in modes:  # fail early on an adapter that does not fit the model
-        if mode == "lora":
-            from minilm.cost import adapter_ranks
-            adapter_ranks(model_cfg, lora_cfg)
+    if "lora" in modes:  # fail early on an adapter that does not fit the model
+        from minilm.cost import adapter_ranks
+        adapter_ranks(model_cfg, lora_cfg)
 
     print(f"minilm bench: width {model_cfg.width}, {model_cfg.layers} layers, {model_cfg.heads} heads, context "
           f"{model_cfg.context}, vocabulary {model_cfg.vocab_size}; batch {train_cfg.batch_size} x "

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 from minilm.attention import QUERY_BLOCK
 from minilm.config import ModelConfig
+from minilm.model import param_shapes
+from minilm.tree import size
 
 F32 = 4  # bytes per float32
 
@@ -127,7 +129,8 @@ def products(cfg: ModelConfig, batch: int, adapters: dict[str, int] | None = Non
 def step_cost(cfg: ModelConfig, batch: int, adapters: dict[str, int] | None = None, grad_accum: int = 1) -> StepCost:
     """FLOPs and bytes of one optimizer step over grad_accum micro-batches of `batch` sequences."""
     forward = input_grad = weight_grad = lora_extra = 0
-    for p in products(cfg, batch, adapters):
+    listed = products(cfg, batch, adapters)
+    for p in listed:
         backward_lhs = p.flops if p.lhs_grad else 0
         backward_rhs = p.flops if p.rhs_grad else 0
         if p.kind == "lora":
@@ -142,11 +145,9 @@ def step_cost(cfg: ModelConfig, batch: int, adapters: dict[str, int] | None = No
     T, D, F, V, H, L = cfg.context, cfg.width, cfg.mlp_width, cfg.vocab_size, cfg.heads, cfg.layers
     N = batch * T
     keys = sum(q * k for q, k in attention_blocks(T)) / T  # mean keys computed per query
-    # Parameters: embeddings, per block 4 D² + 2 D F matrices, biases, LayerNorms.
-    params = V * D + T * D + L * (4 * D * D + 2 * D * F + 4 * D + D + F + 4 * D) + 2 * D
-    adapter_params = sum(r * (D + D) for s, r in (adapters or {}).items() if ".attn." in s)
-    adapter_params += sum(r * (D + F) for s, r in (adapters or {}).items() if ".mlp." in s)
-    adapter_params += sum(r * (V + D) for s, r in (adapters or {}).items() if s == "embed")
+    params = size(param_shapes(cfg))
+    # each adapter is A (d_in, R) and B (R, d_out): the shapes of its merge product (d_in, R) @ (R, d_out)
+    adapter_params = sum(p.k * (p.m + p.n) for p in listed if p.name.endswith(".merge"))
     trainable = params if adapters is None else adapter_params
     # Elementwise passes per token, each element read or written once per pass (forward + backward):
     # LayerNorm ~8 passes of D (x2 per block, + final), residual adds 2 of D, GELU ~8 of F,
@@ -167,7 +168,6 @@ def step_cost(cfg: ModelConfig, batch: int, adapters: dict[str, int] | None = No
 def adapter_ranks(cfg: ModelConfig, lora_cfg) -> dict[str, int]:
     """{site: rank} for a lora.LoraConfig on a model of this shape (no arrays are made)."""
     from lora.adapter import _override, chosen_sites  # lora builds on minilm; imported only when needed
-    from minilm.model import param_shapes
 
     return {name: _override(lora_cfg.rank_pattern, name, lora_cfg.rank)
             for name in chosen_sites(param_shapes(cfg), lora_cfg)}

@@ -1,6 +1,7 @@
 """Test helpers shared by several test files."""
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -45,3 +46,14 @@ def load_experiment(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_quick(module, out: Path) -> dict:
+    """Run an experiment's main() in --quick mode into `out`; its metrics.json."""
+    assert module.main(["--quick", "--out", str(out)]) == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+def without_timing(metrics: dict) -> dict:
+    """Metrics minus the wall time, which no two runs share."""
+    return {k: v for k, v in metrics.items() if k != "seconds"}

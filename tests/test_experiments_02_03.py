@@ -2,21 +2,17 @@
 from their metrics, and give the same numbers for the same seed."""
 
 import copy
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import load_experiment
+from helpers import load_experiment, run_quick, without_timing
+
 
 def run(module, out: Path) -> dict:
-    assert module.main(["--quick", "--out", str(out)]) == 0
+    metrics = run_quick(module, out)
     assert (out / "report.html").is_file() and list((out / "figures").glob("*.png"))
-    return json.loads((out / "metrics.json").read_text())
-
-
-def without_timing(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if k != "seconds"}
+    return metrics
 
 
 # ---------------------------------------------------------------- 02 rank and alpha

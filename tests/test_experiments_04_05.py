@@ -2,20 +2,10 @@
 --quick mode, write their reports, compute their summaries from their metrics, and are reproducible."""
 
 import copy
-import json
 
 import numpy as np
 import pytest
-from helpers import load_experiment
-
-def run(module, out):
-    assert module.main(["--quick", "--out", str(out)]) == 0
-    return json.loads((out / "metrics.json").read_text())
-
-
-def without_timing(metrics):
-    return {k: v for k, v in metrics.items() if k != "seconds"}
-
+from helpers import load_experiment, run_quick, without_timing
 
 # ---------------------------------------------------------------- 04
 
@@ -24,7 +14,7 @@ def without_timing(metrics):
 def exp04(tmp_path_factory):
     out = tmp_path_factory.mktemp("e04") / "report"
     module = load_experiment("04_how_lowrank_is_full")
-    return module, out, run(module, out)
+    return module, out, run_quick(module, out)
 
 
 def test_04_writes_report_and_metrics(exp04):
@@ -105,7 +95,7 @@ def test_04_summary_is_computed_from_the_metrics(exp04):
 
 def test_04_is_reproducible(exp04, tmp_path):
     module, _, first = exp04
-    assert without_timing(run(module, tmp_path / "again")) == without_timing(first)
+    assert without_timing(run_quick(module, tmp_path / "again")) == without_timing(first)
 
 
 # ---------------------------------------------------------------- 05
@@ -115,7 +105,7 @@ def test_04_is_reproducible(exp04, tmp_path):
 def exp05(tmp_path_factory):
     out = tmp_path_factory.mktemp("e05") / "report"
     module = load_experiment("05_magnitude_and_direction")
-    return module, out, run(module, out)
+    return module, out, run_quick(module, out)
 
 
 def test_05_writes_report_and_metrics(exp05):
@@ -159,4 +149,4 @@ def test_05_summary_is_computed_from_the_metrics(exp05):
 
 def test_05_is_reproducible(exp05, tmp_path):
     module, _, first = exp05
-    assert without_timing(run(module, tmp_path / "again")) == without_timing(first)
+    assert without_timing(run_quick(module, tmp_path / "again")) == without_timing(first)

@@ -24,32 +24,12 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import sys
 import time
 import traceback
 import warnings
 
-
-def cpu_times():
-    """(wall s, CPU s busy on the whole machine, CPU s used by this process), or None off Linux."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    busy = sum(fields[:8]) - fields[3] - fields[4]  # user nice system [idle iowait] irq softirq steal
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), usage.ru_utime + usage.ru_stime
-
-
-def other_cpu_fraction(before, after) -> float | None:
-    """Share of the machine's CPU time that other processes used between two cpu_times()."""
-    if before is None or after is None or after[0] <= before[0]:
-        return None
-    wall = after[0] - before[0]
-    others = (after[1] - before[1]) - (after[2] - before[2])
-    return max(0.0, others / (wall * os.cpu_count()))
+from minilm.contention import cpu_times, other_cpu_fraction
 
 
 def lora_targets(name: str) -> tuple[str, ...]:

@@ -1,0 +1,29 @@
+"""Was anything else running while we timed? Read from Linux's /proc/stat; standard library only, so a
+benchmark process of any framework can use it without importing JAX."""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+
+
+def cpu_times():
+    """(wall s, CPU s busy on the whole machine, CPU s used by this process), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    busy = sum(fields[:8]) - fields[3] - fields[4]  # user nice system [idle iowait] irq softirq steal
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), usage.ru_utime + usage.ru_stime
+
+
+def other_cpu_fraction(before, after) -> float | None:
+    """Share of the machine's CPU time that other processes used between two cpu_times()."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    wall = after[0] - before[0]
+    others = (after[1] - before[1]) - (after[2] - before[2])
+    return max(0.0, others / (wall * os.cpu_count()))
