@@ -126,7 +126,7 @@ def finetune(name: str, base: dict, dataset: Dataset, model_cfg: ModelConfig, tr
     n = size(trainable)
     trainable, log = fit(trainable, frozen, dataset, model_cfg, train_cfg, f"fine-tune {name}", lora.loss_fn,
                          stop_below)
-    adapted = combine(trainable, frozen)
+    adapted = lora.tie(combine(trainable, frozen))  # tie: a shared A (fuse_qkv) back in every matrix
     return Tuned(name, lora.merge(adapted), adapted, log, n, train_cfg.lr)
 
 
@@ -135,7 +135,7 @@ def eval_loss(params, dataset: Dataset, model_cfg: ModelConfig, batches: int = 1
     from minilm.data import batches as windows_of
     windows = windows_of(jax.numpy.asarray(dataset.val), jax.random.key(seed), 0, count=batches,
                          batch_size=16, context=model_cfg.context)
-    return float(train.make_eval(model_cfg)(params, windows))
+    return float(train.make_eval(model_cfg)(*partition(params, lambda n: True), windows))
 
 
 def adapters_of(tuned: Tuned) -> dict:

@@ -5,10 +5,10 @@ weight.py (the maths), then config.py (what to adapt), then adapter.py (attach, 
 """
 
 from lora.adapter import (adapter_names, attach, disable, format_summary, load_adapter, lora_weights, loss_fn,
-                          merge, save_adapter, sites, split, summary, unmerge, with_dropout)
+                          merge, save_adapter, sites, split, summary, tie, unmerge, with_dropout)
 from lora.config import LoraConfig, parse_spec
 from lora.weight import LoraWeight
 
 __all__ = ["LoraConfig", "LoraWeight", "adapter_names", "attach", "disable", "format_summary", "load_adapter",
-           "lora_weights", "loss_fn", "merge", "parse_spec", "save_adapter", "sites", "split", "summary", "unmerge",
-           "with_dropout"]
+           "lora_weights", "loss_fn", "merge", "parse_spec", "save_adapter", "sites", "split", "summary", "tie",
+           "unmerge", "with_dropout"]

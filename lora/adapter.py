@@ -2,6 +2,7 @@
 
     attach(params, cfg, key=)  each targeted matrix W becomes a LoraWeight(W, A, B)
     split(params, cfg)         (trainable, frozen): the adapters (+ chosen biases / modules) vs the rest
+    tie(params)                fill in the A that q, k, v share (fuse_qkv) after split's halves are combined
     merge(params)              every LoraWeight -> the plain matrix W' it stands for
     unmerge(merged, adapted)   W' - s·A B: the base weights back from a merged model and its adapter
     disable(params)            the model with adapters removed
@@ -126,7 +127,8 @@ def attach(params, cfg: LoraConfig, *, key: jax.Array):
     adapters stacks a second one (with another `name`) on top."""
     if cfg.name in adapter_names(params):
         raise MinilmError(f"an adapter named {cfg.name!r} is already attached; give the new one another name")
-    for i, (name, path) in enumerate(sorted(chosen_sites(params, cfg).items())):
+    chosen = chosen_sites(params, cfg)
+    for i, (name, path) in enumerate(sorted(chosen.items())):
         w = _get(params, path)
         if cfg.use_dora and is_lora(w):
             raise MinilmError(f"DoRA cannot stack on another adapter ({name} already has one)")
@@ -134,22 +136,69 @@ def attach(params, cfg: LoraConfig, *, key: jax.Array):
         scale = cfg.scale_for(rank, _override(cfg.alpha_pattern, name, cfg.alpha))
         base = w if not (cfg.init == "pissa" and is_lora(w)) else w.merged()
         params = _set(params, path, _init_adapter(base, rank, scale, cfg, jax.random.fold_in(key, i), name))
+    if cfg.fuse_qkv:
+        for name, owner_name in shared_a(chosen).items():
+            w, owner = _get(params, chosen[name]), _get(params, chosen[owner_name])
+            if w.rank != owner.rank:
+                raise MinilmError(f"fuse_qkv: {name} has rank {w.rank} but {owner_name} has {owner.rank}; "
+                                  f"one shared A needs one rank (check rank_pattern)")
+            params = _set(params, chosen[name], replace(w, lora_a=owner.lora_a, a_from=owner_name.rsplit(".", 1)[1]))
     return params
+
+
+def shared_a(sites) -> dict[str, str]:
+    """With fuse_qkv: {adapted matrix: the matrix whose A it uses}. In each block the first adapted one
+    of q, k, v owns the A, e.g. {'blocks.0.attn.k': 'blocks.0.attn.q', 'blocks.0.attn.v': ...}."""
+    out = {}
+    for name in sites:
+        layer, matrix = name.rsplit(".", 1)
+        if name.startswith("blocks.") and layer.endswith(".attn") and matrix in "kv":
+            owner = next(f"{layer}.{m}" for m in "qkv" if f"{layer}.{m}" in sites)
+            if owner != name:
+                out[name] = owner
+    return out
+
+
+def tie(params):
+    """Every adapter that shares another's A (fuse_qkv) gets that A filled in.
+
+    `split` trains a shared A once, in the matrix that owns it, and leaves a hole in the others, so
+    `combine(trainable, frozen)` gives them no A of their own: this puts it back. Autodiff through
+    `tie` is what sums the three matrices' gradients into the one shared A. Idempotent."""
+    if not any(is_lora(w) and w.a_from for w in _all_levels(params)):
+        return params
+
+    def filled(w, attn):
+        if not is_lora(w):
+            return w
+        w = replace(w, base=filled(w.base, attn))
+        if w.a_from is None:
+            return w
+        owner = attn[w.a_from]["w"]
+        while owner.name != w.name:
+            owner = owner.base
+        return replace(w, lora_a=owner.lora_a)
+
+    blocks = [{**b, "attn": {m: {**p, "w": filled(p["w"], b["attn"])} for m, p in b["attn"].items()}}
+              for b in params["blocks"]]
+    return {**params, "blocks": blocks}
+
+
+def _all_levels(params):
+    for leaf in jax.tree.leaves(params, is_leaf=is_lora):
+        while is_lora(leaf):
+            yield leaf
+            leaf = leaf.base
 
 
 def lora_weights(params) -> dict[str, LoraWeight]:
     """{name of the matrix, e.g. 'blocks.0.attn.q.w': its (outermost) LoraWeight}."""
-    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)[0]
+    flat = jax.tree_util.tree_flatten_with_path(tie(params), is_leaf=is_lora)[0]
     return {path_name(p): w for p, w in flat if is_lora(w)}
 
 
 def adapter_names(params) -> list[str]:
-    names = []
-    for leaf in jax.tree.leaves(params, is_leaf=is_lora):
-        while is_lora(leaf):
-            names.append(leaf.name)
-            leaf = leaf.base
-    return sorted(set(names))
+    return sorted({w.name for w in _all_levels(params)})
 
 
 def trainable_names(params, cfg: LoraConfig) -> set[str]:
@@ -158,8 +207,9 @@ def trainable_names(params, cfg: LoraConfig) -> set[str]:
     for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)[0]:
         prefix = path_name(path)
         while is_lora(leaf):
-            if leaf.name == cfg.name:
-                names |= {f"{prefix}.{k}" for k in ADAPTER_LEAVES if getattr(leaf, k) is not None}
+            if leaf.name == cfg.name:  # a shared A (fuse_qkv) trains once, in the matrix that owns it
+                names |= {f"{prefix}.{k}" for k in ADAPTER_LEAVES
+                          if getattr(leaf, k) is not None and not (k == "lora_a" and leaf.a_from)}
             leaf, prefix = leaf.base, prefix + ".base"
     adapted_modules = {n.split(".w.")[0] for n in names}
     adapted = {path_name(p) for p, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)[0]
@@ -186,9 +236,19 @@ def trainable_names(params, cfg: LoraConfig) -> set[str]:
 
 
 def split(params, cfg: LoraConfig):
-    """(trainable, frozen): only what `cfg` trains is trainable; everything else is frozen."""
+    """(trainable, frozen): only what `cfg` trains is trainable; everything else is frozen.
+
+    A shared A (fuse_qkv) is in neither half except in its owner; `tie` fills it in again."""
     names = trainable_names(params, cfg)
-    return partition(params, lambda name: name in names)
+    trainable, frozen = partition(tie(params), lambda name: name in names)
+
+    def hole(w):
+        if not is_lora(w):
+            return w
+        w = replace(w, base=hole(w.base))
+        return replace(w, lora_a=None) if w.a_from and w.name == cfg.name else w
+
+    return trainable, _map_lora(hole, frozen)
 
 
 def _map_lora(fn, params):
@@ -201,6 +261,7 @@ def merge(params, weights: dict[str, float] | None = None):
     Weights other than 1 combine adapters linearly; DoRA's rescaling is not linear and refuses them.
     """
     weights = weights or {}
+    params = tie(params)
 
     def fold(w):
         if not is_lora(w):
@@ -226,7 +287,7 @@ def unmerge(merged, adapted):
             w_merged, w = w_merged - w.delta(), w.base
         return w_merged
 
-    return jax.tree.map(subtract, merged, adapted, is_leaf=is_lora)
+    return jax.tree.map(subtract, merged, tie(adapted), is_leaf=is_lora)
 
 
 def disable(params, name: str | None = None):
@@ -238,7 +299,7 @@ def disable(params, name: str | None = None):
         inner = strip(w.base)
         return inner if name is None or w.name == name else replace(w, base=inner)
 
-    return _map_lora(strip, params)
+    return _map_lora(strip, tie(params))
 
 
 def with_dropout(params, key: jax.Array):
@@ -255,7 +316,7 @@ def with_dropout(params, key: jax.Array):
 
 def loss_fn(trainable, frozen, windows, cfg: ModelConfig, key=None):
     """The language-model loss with adapter dropout active (a drop-in for `minilm.train.loss_fn`)."""
-    params = combine(trainable, frozen)
+    params = tie(combine(trainable, frozen))
     if key is not None:
         params = with_dropout(params, key)
     return cross_entropy(forward(params, windows[:, :-1], cfg), windows[:, 1:])
@@ -274,12 +335,12 @@ def summary(params, trainable) -> list[dict]:
             own = sum(leaves[f"{prefix}.{k}"].size for k in ADAPTER_LEAVES if f"{prefix}.{k}" in leaves)
             if own:
                 rows.append({"tensor": prefix, "shape": tuple(w.shape), "kind": "DoRA" if w.magnitude is not None
-                             else "LoRA", "rank": w.rank, "scale": w.scale, "trainable": own})
+                             else "LoRA", "rank": w.rank, "scale": w.scale, "trainable": own, "a_from": w.a_from})
             w, prefix = w.base, prefix + ".base"
     for name, leaf in leaves.items():
         if not name.endswith(ADAPTER_LEAVES):
             rows.append({"tensor": name, "shape": tuple(leaf.shape), "kind": "full", "rank": None, "scale": None,
-                         "trainable": leaf.size})
+                         "trainable": leaf.size, "a_from": None})
     return rows
 
 
@@ -291,6 +352,9 @@ def format_summary(rows, total_params: int, optimizer_bytes: int) -> str:
         lines.append(f"{r['tensor']:<28} {'x'.join(map(str, r['shape'])):>12} {r['kind']:>5} {rank:>5} "
                      f"{scale:>7} {r['trainable']:>10,}")
     n = sum(r["trainable"] for r in rows)
+    shared = sorted({r["a_from"] for r in rows if r["a_from"]})
+    if shared:
+        lines.append(f"(fuse_qkv: the other q, k, v adapters use attn.{', attn.'.join(shared)}'s A, counted there)")
     lines.append(f"trainable {n:,} of {total_params:,} parameters ({100 * n / total_params:.3f}%); "
                  f"optimizer state {optimizer_bytes:,} bytes")
     return "\n".join(lines)
@@ -352,4 +416,4 @@ def load_adapter(path: Path, base_params, base_cfg: ModelConfig, name: str | Non
     params = attach(base_params, cfg, key=jax.random.key(0))
     trainable, frozen = split(params, cfg)
     trainable = fill(trainable, arrays, str(arrays_path))
-    return combine(jax.tree.map(jnp.asarray, trainable), frozen), cfg
+    return tie(combine(jax.tree.map(jnp.asarray, trainable), frozen)), cfg

@@ -8,6 +8,11 @@ Targets name matrices by their place in a block, `attn.q`, `attn.k`, `attn.v`, `
 `mlp.proj`, or `embed` (the tied token embedding), or by their full name (`blocks.1.attn.q`); glob
 patterns work (`attn.*`), and `all-linear` means every block matrix. From the command line a config
 is one string: `rank=8,alpha=16,targets=attn.q,attn.v,init=pissa`.
+
+`fuse_qkv` gives the q, k and v adapters of a block one shared A: the adapter LoRA puts on GPT-2's
+single (D, 3D) `c_attn` matrix, which is what PEFT builds for GPT-2 (and what the peer benchmark
+runs). It is LoRA on the stacked [W_q W_k W_v] with B = [B_q B_k B_v]: one input subspace for all
+three, and 4RD parameters where separate adapters have 6RD.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class LoraConfig:
     layers: tuple[int, ...] | None = None      # adapt only these blocks (None: all)
     init: str = "standard"                     # standard | gaussian | pissa
     use_dora: bool = False                     # DoRA: a trainable magnitude per output unit
+    fuse_qkv: bool = False                     # q, k, v of a block share one A (LoRA on GPT-2's fused c_attn)
     bias: str = "none"                         # none | all | lora_only: which biases also train
     modules_to_save: tuple[str, ...] = ()      # other parameters trained in full, e.g. ln_f, blocks.*.ln1
     name: str = "default"                      # the adapter's name, when several share a base
@@ -59,6 +65,9 @@ class LoraConfig:
         if self.use_dora and self.init == "pissa":
             fail("use_dora with init=pissa is undefined here: DoRA's magnitude is measured on W, PiSSA "
                  "replaces W by a residual; choose one")
+        if self.fuse_qkv and self.init == "pissa":
+            fail("fuse_qkv with init=pissa is undefined here: PiSSA takes each matrix's own singular vectors "
+                 "as its A, so q, k and v cannot share one; choose one")
         if self.layers is not None and any(not isinstance(i, int) or i < 0 for i in self.layers):
             fail(f"layers = {self.layers} must be block indices >= 0")
         if not self.name.isidentifier():
@@ -141,7 +150,7 @@ def _convert(key: str, value):
         return int(value)
     if key in ("alpha", "dropout"):
         return float(value)
-    if key in ("use_rslora", "use_dora"):
+    if key in ("use_rslora", "use_dora", "fuse_qkv"):
         if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise ValueError(f"{key}={value!r}; expected true or false")
         return value.lower() in ("true", "1", "yes")

@@ -49,17 +49,18 @@ class LoraWeight:
     """W (frozen) plus s·A B (trained), behaving like the (d_in, d_out) matrix W' under `@`, `[ids]`, `.T`."""
 
     base: jax.Array                     # (d_in, d_out) the frozen W; with PiSSA, its residual; or another LoraWeight
-    lora_a: jax.Array                   # (d_in, R)
+    lora_a: jax.Array | None            # (d_in, R); None while a shared A is not yet filled in (a_from)
     lora_b: jax.Array                   # (R, d_out)
     magnitude: jax.Array | None = None  # (d_out,) DoRA's m; None for plain LoRA
     dropout_key: jax.Array | None = None  # set only inside the training loss, for adapter dropout
     scale: float = 1.0                  # s: alpha / R, or alpha / sqrt(R)
     dropout: float = 0.0                # probability of zeroing an adapter input
     name: str = "default"               # which adapter this is, when several are stacked
+    a_from: str | None = None           # with fuse_qkv: the matrix of this layer (q) whose A this one uses
 
     @property
     def shape(self):
-        return self.lora_a.shape[:1] + self.lora_b.shape[1:]
+        return self.base.shape
 
     @property
     def ndim(self):
@@ -67,11 +68,11 @@ class LoraWeight:
 
     @property
     def dtype(self):
-        return self.lora_a.dtype
+        return self.lora_b.dtype
 
     @property
     def rank(self) -> int:
-        return self.lora_a.shape[1]
+        return self.lora_b.shape[0]
 
     def delta(self) -> jax.Array:
         """s · A B: (d_in, d_out), the change LoRA makes to W (before DoRA's rescaling)."""
@@ -161,4 +162,4 @@ adapted_matmul.defvjp(_adapted_matmul_fwd, _adapted_matmul_bwd, symbolic_zeros=T
 
 jax.tree_util.register_dataclass(
     LoraWeight, data_fields=["base", "lora_a", "lora_b", "magnitude", "dropout_key"],
-    meta_fields=["scale", "dropout", "name"])
+    meta_fields=["scale", "dropout", "name", "a_from"])

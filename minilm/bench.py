@@ -164,14 +164,16 @@ def memory_bandwidth(megabytes: int = 64, repeats: int = 10) -> float:
 def describe(case: TrainStepCase, times: list[float], peak: float, bandwidth: float) -> dict:
     """Every figure of one timed case, measured next to predicted (cost.py), as plain JSON values."""
     adapters = None if case.lora_cfg is None else cost_model.adapter_ranks(case.model_cfg, case.lora_cfg)
-    predicted = cost_model.step_cost(case.model_cfg, case.train_cfg.batch_size, adapters, case.train_cfg.grad_accum)
+    shared = frozenset() if case.lora_cfg is None else cost_model.adapter_shared_a(case.model_cfg, case.lora_cfg)
+    predicted = cost_model.step_cost(case.model_cfg, case.train_cfg.batch_size, adapters, case.train_cfg.grad_accum,
+                                     shared)
     median = statistics.median(times)
     flops = case.xla.get("flops")
     lora_cfg = case.lora_cfg
     return {
         "mode": case.mode,
         "lora": None if lora_cfg is None else {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha,
-                                               "targets": list(lora_cfg.targets)},
+                                               "targets": list(lora_cfg.targets), "fuse_qkv": lora_cfg.fuse_qkv},
         "dtype": case.train_cfg.dtype,
         "model": {k: getattr(case.model_cfg, k) for k in ("vocab_size", "context", "width", "layers", "heads")},
         "batch_size": case.train_cfg.batch_size, "grad_accum": case.train_cfg.grad_accum,

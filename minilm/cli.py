@@ -507,7 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train LoRA adapters: comma-separated key=value, e.g. rank=8,alpha=16,targets=attn.q,attn.v. "
                         "Keys: rank, alpha, use_rslora, dropout, targets (attn.q|k|v|o, mlp.fc|proj, attn.*, mlp.*, "
                         "all-linear, embed, blocks.N.*), rank_pattern / alpha_pattern (pattern:value), layers, "
-                        "init (standard|gaussian|pissa), use_dora, bias (none|all|lora_only), modules_to_save, name")
+                        "init (standard|gaussian|pissa), use_dora, fuse_qkv (one A shared by q, k, v), "
+                        "bias (none|all|lora_only), modules_to_save, name")
     p.add_argument("--out", metavar="DIR", help="output folder (default: runs/BASE-MODE-CORPUS)")
     p.add_argument("--overwrite", action="store_true", help="replace what an earlier run saved in --out")
     add_config_flags(p, TrainConfig, f"training (lr defaults to {FINETUNE.lr:g} for --full, {LORA_LR:g} for --lora)",
@@ -552,8 +553,10 @@ def build_parser() -> argparse.ArgumentParser:
                                         "compile time, and sampling speed with and without the KV cache.")
     p.add_argument("--preset", choices=list(PRESETS), default="small", help="model and batch sizes (default: small)")
     p.add_argument("--mode", choices=["full", "lora", "both"], default="both", help="what to time (default: both)")
-    p.add_argument("--lora", metavar="SPEC", default="rank=8,alpha=16,targets=all-linear",
-                   help="the adapter for --mode lora/both, as for finetune (default: rank=8,alpha=16,targets=all-linear)")
+    p.add_argument("--lora", metavar="SPEC", default="rank=8,alpha=16,targets=all-linear,fuse_qkv=true",
+                   help="the adapter for --mode lora/both, as for finetune (default: rank=8,alpha=16,"
+                        "targets=all-linear,fuse_qkv=true: every block matrix, with one A shared by q, k and v, the "
+                        "adapter PEFT builds on GPT-2's fused c_attn; fuse_qkv=false gives each its own A)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per case, after a warm-up step (default: 5)")
     for name, what in (("vocab-size", "vocabulary size (default: 65, shakespeare-char's)"),
                        ("context", "context length"), ("width", "model width"), ("layers", "blocks"),

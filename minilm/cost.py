@@ -126,8 +126,11 @@ def products(cfg: ModelConfig, batch: int, adapters: dict[str, int] | None = Non
     return out
 
 
-def step_cost(cfg: ModelConfig, batch: int, adapters: dict[str, int] | None = None, grad_accum: int = 1) -> StepCost:
-    """FLOPs and bytes of one optimizer step over grad_accum micro-batches of `batch` sequences."""
+def step_cost(cfg: ModelConfig, batch: int, adapters: dict[str, int] | None = None, grad_accum: int = 1,
+              shared_a: frozenset[str] = frozenset()) -> StepCost:
+    """FLOPs and bytes of one optimizer step over grad_accum micro-batches of `batch` sequences.
+
+    `shared_a`: adapted matrices whose A is another's (LoRA's fuse_qkv); their A is counted once."""
     forward = input_grad = weight_grad = lora_extra = 0
     listed = products(cfg, batch, adapters)
     for p in listed:
@@ -147,7 +150,8 @@ def step_cost(cfg: ModelConfig, batch: int, adapters: dict[str, int] | None = No
     keys = sum(q * k for q, k in attention_blocks(T)) / T  # mean keys computed per query
     params = size(param_shapes(cfg))
     # each adapter is A (d_in, R) and B (R, d_out): the shapes of its merge product (d_in, R) @ (R, d_out)
-    adapter_params = sum(p.k * (p.m + p.n) for p in listed if p.name.endswith(".merge"))
+    adapter_params = sum(p.k * (p.n + (0 if p.name.removesuffix(".merge") in shared_a else p.m))
+                         for p in listed if p.name.endswith(".merge"))
     trainable = params if adapters is None else adapter_params
     # Elementwise passes per token, each element read or written once per pass (forward + backward):
     # LayerNorm ~8 passes of D (x2 per block, + final), residual adds 2 of D, GELU ~8 of F,
@@ -171,3 +175,10 @@ def adapter_ranks(cfg: ModelConfig, lora_cfg) -> dict[str, int]:
 
     return {name: _override(lora_cfg.rank_pattern, name, lora_cfg.rank)
             for name in chosen_sites(param_shapes(cfg), lora_cfg)}
+
+
+def adapter_shared_a(cfg: ModelConfig, lora_cfg) -> frozenset[str]:
+    """The sites whose A is another's under a lora.LoraConfig (fuse_qkv: k and v use q's)."""
+    from lora.adapter import chosen_sites, shared_a
+
+    return frozenset(shared_a(chosen_sites(param_shapes(cfg), lora_cfg))) if lora_cfg.fuse_qkv else frozenset()

@@ -111,11 +111,10 @@ def make_step(model_cfg: ModelConfig, train_cfg: TrainConfig, loss=loss_fn):
 
 
 @functools.cache
-def make_eval(model_cfg: ModelConfig):
-    """jit-compiled mean loss over windows (N, B, T + 1)."""
-    def evaluate(params, windows):
-        return jax.lax.map(lambda w: cross_entropy(forward(params, w[:, :-1], model_cfg), w[:, 1:]),
-                           windows).mean()
+def make_eval(model_cfg: ModelConfig, loss=loss_fn):
+    """jit-compiled mean `loss` of (trainable, frozen) over windows (N, B, T + 1), without noise (key None)."""
+    def evaluate(trainable, frozen, windows):
+        return jax.lax.map(lambda w: loss(trainable, frozen, w, model_cfg), windows).mean()
 
     return jax.jit(evaluate)
 
@@ -159,7 +158,7 @@ def run(state: TrainState, data: data_lib.Dataset, model_cfg: ModelConfig, train
     stopping the iteration early and resuming from the yielded state continues bit-identically.
     """
     step_fn = make_step(model_cfg, train_cfg, loss)
-    eval_fn = make_eval(model_cfg)
+    eval_fn = make_eval(model_cfg, loss)
     lr = schedule(train_cfg)
     train_ids, val_ids = jnp.asarray(data.train), jnp.asarray(data.val)
     A, B, T = train_cfg.grad_accum, train_cfg.batch_size, model_cfg.context
@@ -174,5 +173,5 @@ def run(state: TrainState, data: data_lib.Dataset, model_cfg: ModelConfig, train
         state = replace(state, trainable=trainable, opt_state=opt_state, step=state.step + 1,
                         data_cursor=state.data_cursor + A)
         if state.step % train_cfg.eval_every == 0 or state.step == train_cfg.steps:
-            metrics["eval_loss"] = float(eval_fn(combine(state.trainable, state.frozen), eval_windows))
+            metrics["eval_loss"] = float(eval_fn(state.trainable, state.frozen, eval_windows))
         yield state, metrics

@@ -169,10 +169,11 @@ TRAIN_CASES = {
     # DoRA everywhere in the blocks, plus the adapted matrices' biases and the final LayerNorm
     "dora-all-linear": LoraConfig(rank=3, targets=("all-linear",), use_dora=True, bias="lora_only",
                                   modules_to_save=("ln_f",)),
-    # the tied embedding (rows and output projection), rsLoRA scaling, one block only
     # PiSSA on the tied embedding (rows and output projection) and two block matrices, rsLoRA scaling
     "pissa-embed-rslora": LoraConfig(rank=4, targets=("embed", "attn.k", "mlp.proj"), init="pissa",
                                      use_rslora=True, layers=(1,)),
+    # PEFT's layout on GPT-2's fused c_attn: q, k, v share one A
+    "fused-qkv": LoraConfig(rank=3, alpha=4.0, targets=("all-linear",), fuse_qkv=True),
 }
 
 
@@ -189,6 +190,12 @@ def expected_trainable(case: str) -> dict[str, tuple[int, ...]]:
                 out |= {f"blocks.{i}.{short}.w.lora_a": (d_in, 3), f"blocks.{i}.{short}.w.lora_b": (3, d_out),
                         f"blocks.{i}.{short}.w.magnitude": (d_out,), f"blocks.{i}.{short}.b": (d_out,)}
         out |= {"ln_f.scale": (D,), "ln_f.bias": (D,)}
+    elif case == "fused-qkv":
+        for i in range(L):
+            out[f"blocks.{i}.attn.q.w.lora_a"] = (D, 3)  # the one A of q, k and v
+            out |= {f"blocks.{i}.{short}.w.lora_b": (3, d_out) for short, (_, d_out) in MATRICES.items()}
+            out |= {f"blocks.{i}.{short}.w.lora_a": (d_in, 3) for short, (d_in, _) in MATRICES.items()
+                    if short not in ("attn.q", "attn.k", "attn.v")}
     elif case == "pissa-embed-rslora":
         out |= {"embed.tok.lora_a": (V, 4), "embed.tok.lora_b": (4, D),
                 "blocks.1.attn.k.w.lora_a": (D, 4), "blocks.1.attn.k.w.lora_b": (4, D),
@@ -205,6 +212,8 @@ def trainable_count(case: str) -> int:
         return L * per_block + 2 * D
     if case == "pissa-embed-rslora":
         return 4 * (V + D) + 4 * (D + D) + 4 * (F + D)
+    if case == "fused-qkv":  # q, k, v: one A (D, R) and three B (R, D), i.e. LoRA on the (D, 3D) stack
+        return L * (3 * (D + 3 * D) + 3 * (D + D) + 3 * (D + F) + 3 * (F + D))
     raise AssertionError(case)
 
 
@@ -225,7 +234,7 @@ def trained(case: str, base, noise: int = 100):
         for i in range(STEPS):
             windows = jnp.asarray(rng.integers(0, V, (1, B, T + 1)), jnp.int32)  # (A, B, T + 1)
             trainable, opt_state, _ = step(trainable, frozen, opt_state, windows, jax.random.key(noise + i))
-        _trained[case, noise] = (params, train.combine(trainable, frozen), trainable, frozen, opt_state)
+        _trained[case, noise] = (params, lora.tie(train.combine(trainable, frozen)), trainable, frozen, opt_state)
     return _trained[case, noise]
 
 
@@ -313,6 +322,66 @@ def test_saved_adapter_loads_to_bit_identical_outputs(case, base, tokens, tmp_pa
     np.testing.assert_array_equal(FORWARD(loaded, tokens, cfg=CFG), FORWARD(after, tokens, cfg=CFG))
     rows = lora.summary(after, trainable)
     assert sum(r["trainable"] for r in rows) == trainable_count(case)
+
+
+def test_fused_qkv_is_one_adapter_on_the_stacked_qkv_matrix(base, tokens):
+    """fuse_qkv = LoRA on [W_q W_k W_v] (D, 3D) with B = [B_q B_k B_v]: checked against NumPy, and its
+    A's gradient against the sum of three separate adapters' gradients taken at the same values."""
+    fused_cfg = LoraConfig(rank=3, alpha=4.0, targets=("all-linear",), fuse_qkv=True)
+    attached = lora.attach(base, fused_cfg, key=jax.random.key(7))
+    sites = lora_sites(attached)
+    for i in range(L):  # at attach: q's A is k's and v's
+        a = sites[f"blocks.{i}.attn.q.w"].lora_a
+        for m in ("k", "v"):
+            np.testing.assert_array_equal(sites[f"blocks.{i}.attn.{m}.w"].lora_a, a)
+        assert not np.array_equal(sites[f"blocks.{i}.attn.o.w"].lora_a, a)  # o reads another input
+    fused = lora.tie(randomize_adapters(attached, seed=8))  # random B's, and one random A per block
+    trainable, frozen = lora.split(fused, fused_cfg)
+    assert "blocks.0.attn.k.w.lora_a" not in named_leaves(trainable) | named_leaves(frozen)
+
+    merged = named_leaves(lora.merge(lora.tie(train.combine(trainable, frozen))))
+    for i in range(L):
+        w = {m: sites[f"blocks.{i}.attn.{m}.w"] for m in ("q", "k", "v")}
+        stack = np.concatenate([f64(w[m].base) for m in "qkv"], axis=1)  # (D, 3D)
+        a = f64(named_leaves(fused)[f"blocks.{i}.attn.q.w.lora_a"])
+        b = np.concatenate([f64(named_leaves(fused)[f"blocks.{i}.attn.{m}.w.lora_b"]) for m in "qkv"], axis=1)
+        want = stack + (4.0 / 3) * a @ b  # (D, 3D)
+        got = np.concatenate([merged[f"blocks.{i}.attn.{m}.w"] for m in "qkv"], axis=1)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+    # the same values as three separate adapters: the loss is the same, and the shared A's gradient is
+    # the sum of the three separate A's gradients (the chain rule through one shared input)
+    separate_cfg = dataclasses.replace(fused_cfg, fuse_qkv=False)
+    separate = jax.tree.map(lambda w: dataclasses.replace(w, a_from=None) if is_lora(w) else w, fused, is_leaf=is_lora)
+    sep_trainable, sep_frozen = lora.split(separate, separate_cfg)
+    windows = jnp.asarray(np.random.default_rng(9).integers(0, V, (B, T + 1)), jnp.int32)
+    loss_f, grad_f = jax.value_and_grad(lora.loss_fn)(trainable, frozen, windows, CFG)
+    loss_s, grad_s = jax.value_and_grad(lora.loss_fn)(sep_trainable, sep_frozen, windows, CFG)
+    assert abs(float(loss_f) - float(loss_s)) <= 1e-6 * abs(float(loss_s))
+    g_f, g_s = named_leaves(grad_f), named_leaves(grad_s)
+    for name, g in g_f.items():
+        if ".attn.q.w.lora_a" in name:
+            want = sum(f64(g_s[name.replace(".q.", f".{m}.")]) for m in "qkv")
+            assert rel_err(g, want) <= 1e-5, name
+        else:
+            assert rel_err(g, g_s[name]) <= 1e-5, name
+    assert set(g_s) - set(g_f) == {f"blocks.{i}.attn.{m}.w.lora_a" for i in range(L) for m in "kv"}
+
+
+def test_fused_qkv_adapter_file_holds_each_shared_a_once(base, tmp_path):
+    from safetensors.numpy import load_file
+
+    cfg = TRAIN_CASES["fused-qkv"]
+    _, after, _, _, _ = trained("fused-qkv", base)
+    lora.save_adapter(tmp_path / "adapter", after, cfg, CFG)
+    names = set(load_file(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert {n for n in names if ".attn." in n and n.endswith("lora_a")} == \
+        {f"blocks.{i}.attn.{m}.w.lora_a" for i in range(L) for m in ("q", "o")}
+    loaded, _ = lora.load_adapter(tmp_path / "adapter", base, CFG)
+    sites = lora_sites(loaded)
+    for i in range(L):
+        for m in ("k", "v"):
+            np.testing.assert_array_equal(sites[f"blocks.{i}.attn.{m}.w"].lora_a, sites[f"blocks.{i}.attn.q.w"].lora_a)
 
 
 # ---------------------------------------------------------------- 4. scaling, against a hand computation
@@ -502,6 +571,7 @@ def test_disable_one_adapter_or_all(stacked, base):
     (dict(bias="some"), "bias = 'some'"),
     (dict(targets=()), "targets is empty"),
     (dict(use_dora=True, init="pissa"), "use_dora with init=pissa"),
+    (dict(fuse_qkv=True, init="pissa"), "fuse_qkv with init=pissa"),
     (dict(name="my adapter"), "name = 'my adapter'"),
 ])
 def test_bad_lora_config(kwargs, words):
@@ -517,6 +587,8 @@ def test_bad_lora_config(kwargs, words):
     (dict(targets=("attn.q",), rank_pattern={"mlp.*": 2}), r"pattern 'mlp\.\*' matches none of the targets"),
     (dict(targets=("attn.q",), layers=(5,)), r"layers \[5\] do not exist.*blocks 0\.\.1"),
     (dict(targets=("embed",), use_dora=True), "DoRA is undefined on the tied embedding"),
+    (dict(rank=2, targets=("attn.*",), rank_pattern={"attn.v": 3}, fuse_qkv=True),
+     r"fuse_qkv: blocks\.0\.attn\.v has rank 3 but blocks\.0\.attn\.q has 2"),
 ])
 def test_bad_attach(kwargs, words, base):
     with pytest.raises(MinilmError, match=words):
@@ -573,10 +645,12 @@ def test_bad_spec(spec, words):
 
 def test_parse_spec_and_json_round_trip():
     cfg = lora.parse_spec("rank=4,alpha=8,targets=attn.q,attn.v,mlp.*,rank_pattern=mlp.*:3,attn.q:2,"
-                          "alpha_pattern=attn.v:5,layers=0,1,use_rslora=true,dropout=0.1,init=gaussian,name=style")
+                          "alpha_pattern=attn.v:5,layers=0,1,use_rslora=true,dropout=0.1,init=gaussian,name=style,"
+                          "fuse_qkv=yes")
     assert cfg == LoraConfig(rank=4, alpha=8.0, targets=("attn.q", "attn.v", "mlp.*"),
                              rank_pattern={"mlp.*": 3, "attn.q": 2}, alpha_pattern={"attn.v": 5.0},
-                             layers=(0, 1), use_rslora=True, dropout=0.1, init="gaussian", name="style")
+                             layers=(0, 1), use_rslora=True, dropout=0.1, init="gaussian", name="style",
+                             fuse_qkv=True)
     assert LoraConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
 
 

@@ -47,6 +47,10 @@ def parse_args(argv=None):
     parser.add_argument("--targets", default="all-linear", choices=TARGET_CHOICES + tuple(ALIASES),
                         help="LoRA targets, minilm's names (torch side mapped onto GPT-2's c_attn/c_proj/c_fc; "
                              "see README.md)")
+    parser.add_argument("--separate-qkv", action="store_true",
+                        help="give our q, k, v separate adapters (the LoRA paper's layout, 6RD per block) instead "
+                             "of one shared A (LoraConfig fuse_qkv: PEFT's adapter on GPT-2's fused c_attn, 4RD), "
+                             "so the two sides no longer train the same number of parameters")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of alternation")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per worker per round")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -91,6 +95,8 @@ class Worker:
                    "--warmup", str(args.warmup), "--seed", str(args.seed)]
         if args.threads:
             command += ["--threads", str(args.threads)]
+        if args.separate_qkv:
+            command += ["--separate-qkv"]
         start = time.perf_counter()
         # Both sides get the same allocator setting: glibc's huge pages (minilm/hugepages.py) unless turned off.
         env = dict(os.environ) if args.no_huge_pages else hugepages.environment()
@@ -213,6 +219,13 @@ def main(argv=None) -> int:
                 print(f"run.py: parameter check failed ({mode}): minilm's base model has {ours:,} parameters, "
                       f"the transformers GPT-2 {theirs:,}; the two are not the same model", file=sys.stderr)
                 return 1
+        same_adapter = args.targets in ("all-linear", "attn.*") and not args.separate_qkv
+        if "lora" in modes and same_adapter and by[("torch", "lora")].available:
+            ours, theirs = (by[(side, "lora")].facts["trainable_params"] for side in ("jax", "torch"))
+            if ours != theirs:
+                print(f"run.py: adapter check failed: minilm trains {ours:,} LoRA parameters, PEFT {theirs:,}",
+                      file=sys.stderr)
+                return 1
 
         timed = [w for w in workers if w.available]
         for w in workers:
@@ -248,12 +261,14 @@ def main(argv=None) -> int:
                    "torch_interop_threads": torch_facts.get("torch_interop_threads"),
                    "torch_cpu_capability": torch_facts.get("cpu_capability"),
                    "attn_implementation": torch_facts.get("attn_implementation")}
-    settings = {k: getattr(args, k) for k in ("preset", "mode", "rank", "targets", "rounds", "steps", "turn_warmup", "dtype",
-                                             "warmup", "settle", "seed", "threads")}
+    settings = {k: getattr(args, k) for k in ("preset", "mode", "rank", "targets", "separate_qkv", "rounds", "steps",
+                                             "turn_warmup", "dtype", "warmup", "settle", "seed", "threads")}
 
     print()
     tokens = next(iter(rows.values())).get("tokens_per_step")
-    lora_text = f", LoRA rank {args.rank} alpha {2 * args.rank} targets {args.targets}" if "lora" in modes else ""
+    qkv = "separate q, k, v adapters" if args.separate_qkv else "one A for q, k, v as PEFT's c_attn"
+    lora_text = (f", LoRA rank {args.rank} alpha {2 * args.rank} targets {args.targets} ({qkv})"
+                 if "lora" in modes else "")
     print(f"preset {args.preset}, {args.dtype}{lora_text}; {args.rounds} rounds x {args.steps} steps per worker, "
           f"{tokens:,} tokens/step")
     print(f"{environment['cpu']}, {environment['cpus']} CPUs; jax {versions['jax']}, torch {versions['torch']} "
