@@ -25,6 +25,10 @@ projection (`x @ tok.T`). A `LoraWeight` supports both, so an adapter on `embed`
 vectors *and* the output projection, exactly as merging W + s·A B into the one shared matrix would.
 That is our choice (PEFT's embedding adapter leaves a tied output head unadapted until merged); it
 keeps merged and unmerged models identical.
+
+With `fuse_qkv` (lora/config.py) a block's q, k and v adapters share one A, which is LoRA on the
+stacked [W_q W_k W_v]. The k and v weights then say `a_from="q"`: their A is q's, trained once, and
+`lora.adapter.tie` fills it in.
 """
 
 from __future__ import annotations
