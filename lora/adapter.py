@@ -127,6 +127,7 @@ def attach(params, cfg: LoraConfig, *, key: jax.Array):
     adapters stacks a second one (with another `name`) on top."""
     if cfg.name in adapter_names(params):
         raise MinilmError(f"an adapter named {cfg.name!r} is already attached; give the new one another name")
+    params = tie(params)  # a tree from combine(trainable, frozen) may still have holes
     chosen = chosen_sites(params, cfg)
     for i, (name, path) in enumerate(sorted(chosen.items())):
         w = _get(params, path)
@@ -137,6 +138,9 @@ def attach(params, cfg: LoraConfig, *, key: jax.Array):
         base = w if not (cfg.init == "pissa" and is_lora(w)) else w.merged()
         params = _set(params, path, _init_adapter(base, rank, scale, cfg, jax.random.fold_in(key, i), name))
     if cfg.fuse_qkv:
+        if not shared_a(chosen):
+            raise MinilmError(f"fuse_qkv shares one A among a block's q, k, v, but the targets {list(cfg.targets)} "
+                              f"adapt fewer than two of them; add attn.q, attn.k, attn.v or drop fuse_qkv")
         for name, owner_name in shared_a(chosen).items():
             w, owner = _get(params, chosen[name]), _get(params, chosen[owner_name])
             if w.rank != owner.rank:
@@ -146,14 +150,15 @@ def attach(params, cfg: LoraConfig, *, key: jax.Array):
     return params
 
 
-def shared_a(sites) -> dict[str, str]:
-    """With fuse_qkv: {adapted matrix: the matrix whose A it uses}. In each block the first adapted one
-    of q, k, v owns the A, e.g. {'blocks.0.attn.k': 'blocks.0.attn.q', 'blocks.0.attn.v': ...}."""
+def shared_a(names) -> dict[str, str]:
+    """With fuse_qkv: {adapted matrix: the matrix whose A it uses}, from the adapted matrices' names. In
+    each block the first adapted one of q, k, v owns the A: {'blocks.0.attn.k': 'blocks.0.attn.q', ...}."""
     out = {}
-    for name in sites:
-        layer, matrix = name.rsplit(".", 1)
-        if name.startswith("blocks.") and layer.endswith(".attn") and matrix in "kv":
-            owner = next(f"{layer}.{m}" for m in "qkv" if f"{layer}.{m}" in sites)
+    for name in names:
+        parts = name.split(".")  # blocks, i, attn, k
+        if len(parts) == 4 and parts[0] == "blocks" and parts[2] == "attn" and parts[3] in ("k", "v"):
+            layer = name.rsplit(".", 1)[0]
+            owner = next(f"{layer}.{m}" for m in ("q", "k", "v") if f"{layer}.{m}" in names)
             if owner != name:
                 out[name] = owner
     return out
@@ -165,6 +170,11 @@ def tie(params):
     `split` trains a shared A once, in the matrix that owns it, and leaves a hole in the others, so
     `combine(trainable, frozen)` gives them no A of their own: this puts it back. Autodiff through
     `tie` is what sums the three matrices' gradients into the one shared A. Idempotent."""
+    return _from_owner(params, "lora_a")
+
+
+def _from_owner(params, field: str):
+    """Every adapter with a_from takes `field` from the adapter (of the same name) that owns its A."""
     if not any(is_lora(w) and w.a_from for w in _all_levels(params)):
         return params
 
@@ -177,7 +187,7 @@ def tie(params):
         owner = attn[w.a_from]["w"]
         while owner.name != w.name:
             owner = owner.base
-        return replace(w, lora_a=owner.lora_a)
+        return replace(w, **{field: getattr(owner, field)})
 
     blocks = [{**b, "attn": {m: {**p, "w": filled(p["w"], b["attn"])} for m, p in b["attn"].items()}}
               for b in params["blocks"]]
@@ -303,7 +313,10 @@ def disable(params, name: str | None = None):
 
 
 def with_dropout(params, key: jax.Array):
-    """Give every adapter with dropout its own key (done inside the loss, one key per micro-batch)."""
+    """Give every adapter with dropout its own key (done inside the loss, one key per micro-batch).
+
+    Adapters that share an A (fuse_qkv) share its owner's key too: one dropout mask on their common
+    input, as on the stacked matrix."""
     counter = iter(range(1 << 30))
 
     def arm(w):
@@ -311,7 +324,7 @@ def with_dropout(params, key: jax.Array):
             return w
         return replace(w, base=arm(w.base), dropout_key=jax.random.fold_in(key, next(counter)))
 
-    return _map_lora(arm, params)
+    return _from_owner(_map_lora(arm, params), "dropout_key")
 
 
 def loss_fn(trainable, frozen, windows, cfg: ModelConfig, key=None):
@@ -354,7 +367,7 @@ def format_summary(rows, total_params: int, optimizer_bytes: int) -> str:
     n = sum(r["trainable"] for r in rows)
     shared = sorted({r["a_from"] for r in rows if r["a_from"]})
     if shared:
-        lines.append(f"(fuse_qkv: the other q, k, v adapters use attn.{', attn.'.join(shared)}'s A, counted there)")
+        lines.append(f"(fuse_qkv: a block's adapted q, k, v share one A, counted in the row of attn.{shared[0]})")
     lines.append(f"trainable {n:,} of {total_params:,} parameters ({100 * n / total_params:.3f}%); "
                  f"optimizer state {optimizer_bytes:,} bytes")
     return "\n".join(lines)

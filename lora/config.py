@@ -9,10 +9,11 @@ Targets name matrices by their place in a block, `attn.q`, `attn.k`, `attn.v`, `
 patterns work (`attn.*`), and `all-linear` means every block matrix. From the command line a config
 is one string: `rank=8,alpha=16,targets=attn.q,attn.v,init=pissa`.
 
-`fuse_qkv` gives the q, k and v adapters of a block one shared A: the adapter LoRA puts on GPT-2's
-single (D, 3D) `c_attn` matrix, which is what PEFT builds for GPT-2 (and what the peer benchmark
-runs). It is LoRA on the stacked [W_q W_k W_v] with B = [B_q B_k B_v]: one input subspace for all
-three, and 4RD parameters where separate adapters have 6RD.
+`fuse_qkv` gives the adapted ones of a block's q, k and v one shared A (they need one rank). With all
+three adapted this is the adapter LoRA puts on GPT-2's single (D, 3D) `c_attn` matrix, which is what
+PEFT builds for GPT-2 (and what the peer benchmark runs): LoRA on the stacked [W_q W_k W_v] with
+B = [B_q B_k B_v], one input subspace (and one dropout mask) for all three, 4RD parameters where
+separate adapters have 6RD.
 """
 
 from __future__ import annotations

@@ -27,8 +27,8 @@ That is our choice (PEFT's embedding adapter leaves a tied output head unadapted
 keeps merged and unmerged models identical.
 
 With `fuse_qkv` (lora/config.py) a block's q, k and v adapters share one A, which is LoRA on the
-stacked [W_q W_k W_v]. The k and v weights then say `a_from="q"`: their A is q's, trained once, and
-`lora.adapter.tie` fills it in.
+stacked [W_q W_k W_v]. The first adapted one of them owns the A; the others say whose it is
+(`a_from="q"`): it is trained once, and `lora.adapter.tie` fills it in.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class LoraWeight:
     scale: float = 1.0                  # s: alpha / R, or alpha / sqrt(R)
     dropout: float = 0.0                # probability of zeroing an adapter input
     name: str = "default"               # which adapter this is, when several are stacked
-    a_from: str | None = None           # with fuse_qkv: the matrix of this layer (q) whose A this one uses
+    a_from: str | None = None           # with fuse_qkv: the matrix of this layer ("q") whose A this one uses
 
     @property
     def shape(self):

@@ -164,9 +164,8 @@ def memory_bandwidth(megabytes: int = 64, repeats: int = 10) -> float:
 def describe(case: TrainStepCase, times: list[float], peak: float, bandwidth: float) -> dict:
     """Every figure of one timed case, measured next to predicted (cost.py), as plain JSON values."""
     adapters = None if case.lora_cfg is None else cost_model.adapter_ranks(case.model_cfg, case.lora_cfg)
-    shared = frozenset() if case.lora_cfg is None else cost_model.adapter_shared_a(case.model_cfg, case.lora_cfg)
     predicted = cost_model.step_cost(case.model_cfg, case.train_cfg.batch_size, adapters, case.train_cfg.grad_accum,
-                                     shared)
+                                     cost_model.adapter_shared_a(case.model_cfg, case.lora_cfg))
     median = statistics.median(times)
     flops = case.xla.get("flops")
     lora_cfg = case.lora_cfg

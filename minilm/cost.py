@@ -178,7 +178,9 @@ def adapter_ranks(cfg: ModelConfig, lora_cfg) -> dict[str, int]:
 
 
 def adapter_shared_a(cfg: ModelConfig, lora_cfg) -> frozenset[str]:
-    """The sites whose A is another's under a lora.LoraConfig (fuse_qkv: k and v use q's)."""
+    """The sites whose A is another's under a lora.LoraConfig (fuse_qkv: k and v use q's); none for None."""
+    if lora_cfg is None or not lora_cfg.fuse_qkv:
+        return frozenset()
     from lora.adapter import chosen_sites, shared_a
 
-    return frozenset(shared_a(chosen_sites(param_shapes(cfg), lora_cfg))) if lora_cfg.fuse_qkv else frozenset()
+    return frozenset(shared_a(chosen_sites(param_shapes(cfg), lora_cfg)))

@@ -165,14 +165,19 @@ def base_run(tmp_path_factory):
 FT = ["--corpus", "arithmetic", "--corpus-size", "300", "--batch-size", "4", "--eval-batches", "2", "--steps", "3"]
 
 
-def test_lora_finetune_sample_and_merge_agree(capsys, tmp_path, base_run):
-    code, stdout, _ = run(capsys, "finetune", str(base_run), *FT, "--lora", "rank=2,alpha=4,targets=attn.q,attn.v",
-                          "--out", str(tmp_path / "ft"))
+@pytest.mark.parametrize("spec, trainable", [
+    ("rank=2,alpha=4,targets=attn.q,attn.v", 128),  # 1 layer x 2 matrices x rank 2 x (16 + 16)
+    ("rank=2,alpha=4,targets=attn.*,fuse_qkv=true", 192),  # q, k, v: one A 16x2 and three B 2x16; o: 2 x (16 + 16)
+])
+def test_lora_finetune_sample_and_merge_agree(spec, trainable, capsys, tmp_path, base_run):
+    code, stdout, _ = run(capsys, "finetune", str(base_run), *FT, "--lora", spec, "--out", str(tmp_path / "ft"))
     assert code == 0
     assert sorted(p.name for p in (tmp_path / "ft" / "adapter").iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors"]
     assert "blocks.0.attn.q.w" in stdout and "blocks.0.attn.v.w" in stdout
-    assert "trainable 128 of" in stdout  # 1 layer x 2 matrices x rank 2 x (16 + 16)
+    assert f"trainable {trainable} of" in stdout
+    assert ("share one A" in stdout) == ("fuse_qkv" in spec)
+    assert "eval loss" in stdout
     greedy = ["--prompt", "1+2=", "--max-new-tokens", "8", "--temperature", "0"]
     code, with_adapter, _ = run(capsys, "sample", str(base_run), "--adapter", str(tmp_path / "ft" / "adapter"), *greedy)
     assert code == 0
@@ -201,6 +206,7 @@ def test_finetune_bad_input(capsys, tmp_path, base_run):
         (["--lora", "rank=2,targets=attn.x"], "'attn.x' matches no matrix; valid targets: all-linear, embed, attn.q"),
         (["--lora", "rank=2,targets=embed,use_dora=true"], "DoRA is undefined on the tied embedding"),
         (["--lora", "rank=2,colour=blue"], "unknown option 'colour'"),
+        (["--lora", "rank=2,targets=attn.q,mlp.fc,fuse_qkv=true"], "adapt fewer than two of them"),
         (["--full", "--tokenizer", "word"], "the base model's own tokenizer"),
     ]
     for extra, message in cases:

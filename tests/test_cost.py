@@ -65,6 +65,9 @@ CASES = {
     "k only": lora.LoraConfig(rank=2, targets=("attn.k",)),        # queries' gradient not needed in block 0
     "all-linear": lora.LoraConfig(rank=8, targets=("all-linear",)),
     "all-linear, one A for q, k, v": lora.LoraConfig(rank=8, targets=("all-linear",), fuse_qkv=True),
+    "k, v with one A": lora.LoraConfig(rank=2, targets=("attn.k", "attn.v"), fuse_qkv=True),
+    "q, v, mlp.fc, one A, one layer": lora.LoraConfig(rank=3, targets=("attn.q", "attn.v", "mlp.fc"), fuse_qkv=True,
+                                                      layers=(1,)),
     "embed + mlp, mixed ranks": lora.LoraConfig(rank=3, targets=("embed", "mlp.*"), rank_pattern={"mlp.proj": 5}),
     "one late layer": lora.LoraConfig(rank=1, targets=("attn.o",), layers=(1,)),
 }
@@ -74,8 +77,7 @@ CASES = {
 def test_flops_equal_the_matrix_products_jax_traces(name):
     lora_cfg = CASES[name]
     adapters = None if lora_cfg is None else cost.adapter_ranks(CFG, lora_cfg)
-    shared = frozenset() if lora_cfg is None else cost.adapter_shared_a(CFG, lora_cfg)
-    predicted = cost.step_cost(CFG, BATCH, adapters, shared_a=shared)
+    predicted = cost.step_cost(CFG, BATCH, adapters, shared_a=cost.adapter_shared_a(CFG, lora_cfg))
     traced, trainable = traced_flops(lora_cfg)
     assert predicted.flops == traced
     assert predicted.trainable_params == trainable

@@ -368,6 +368,26 @@ def test_fused_qkv_is_one_adapter_on_the_stacked_qkv_matrix(base, tokens):
     assert set(g_s) - set(g_f) == {f"blocks.{i}.attn.{m}.w.lora_a" for i in range(L) for m in "kv"}
 
 
+def test_fused_qkv_owner_dropout_and_other_targets(base):
+    """The first adapted of q, k, v owns the A; sharers also share its dropout key (one mask on their
+    common input); embed and the other matrices keep their own."""
+    cfg = LoraConfig(rank=2, targets=("embed", "attn.k", "attn.v", "attn.o"), fuse_qkv=True, dropout=0.3)
+    params = lora.attach(base, cfg, key=jax.random.key(4))
+    sites = lora_sites(params)
+    assert [sites[f"blocks.0.attn.{m}.w"].a_from for m in ("k", "v", "o")] == [None, "k", None]
+    assert sites["embed.tok"].a_from is None
+    trainable, frozen = lora.split(params, cfg)
+    armed = lora_sites(lora.with_dropout(lora.tie(train.combine(trainable, frozen)), jax.random.key(5)))
+    for i in range(L):
+        k, v, o = (armed[f"blocks.{i}.attn.{m}.w"] for m in ("k", "v", "o"))
+        np.testing.assert_array_equal(v.lora_a, k.lora_a)
+        assert jnp.array_equal(jax.random.key_data(v.dropout_key), jax.random.key_data(k.dropout_key))
+        assert not jnp.array_equal(jax.random.key_data(o.dropout_key), jax.random.key_data(k.dropout_key))
+    # attaching a second adapter to a tree with holes works (attach ties first)
+    lora.attach(train.combine(trainable, frozen), LoraConfig(rank=2, targets=("attn.q",), name="second"),
+                key=jax.random.key(6))
+
+
 def test_fused_qkv_adapter_file_holds_each_shared_a_once(base, tmp_path):
     from safetensors.numpy import load_file
 
@@ -589,6 +609,7 @@ def test_bad_lora_config(kwargs, words):
     (dict(targets=("embed",), use_dora=True), "DoRA is undefined on the tied embedding"),
     (dict(rank=2, targets=("attn.*",), rank_pattern={"attn.v": 3}, fuse_qkv=True),
      r"fuse_qkv: blocks\.0\.attn\.v has rank 3 but blocks\.0\.attn\.q has 2"),
+    (dict(rank=2, targets=("embed", "attn.q", "mlp.*"), fuse_qkv=True), "adapt fewer than two of them"),
 ])
 def test_bad_attach(kwargs, words, base):
     with pytest.raises(MinilmError, match=words):

@@ -72,6 +72,8 @@ def parse_args(argv=None):
     parser.add_argument("--json", metavar="PATH", help="also write every figure and raw time here")
     args = parser.parse_args(argv)
     args.targets = ALIASES.get(args.targets, args.targets)
+    # Ours trains PEFT's adapter wherever PEFT's adapts all of q, k, v (GPT-2's fused c_attn): one shared A.
+    args.fuse_qkv = args.targets in ("all-linear", "attn.*") and not args.separate_qkv
     if args.rounds < 1 or args.steps < 1 or args.rank < 1 or args.warmup < 0:
         parser.error("--rounds, --steps and --rank must be >= 1, --warmup >= 0")
     return args
@@ -95,8 +97,8 @@ class Worker:
                    "--warmup", str(args.warmup), "--seed", str(args.seed)]
         if args.threads:
             command += ["--threads", str(args.threads)]
-        if args.separate_qkv:
-            command += ["--separate-qkv"]
+        if args.fuse_qkv:
+            command += ["--fuse-qkv"]
         start = time.perf_counter()
         # Both sides get the same allocator setting: glibc's huge pages (minilm/hugepages.py) unless turned off.
         env = dict(os.environ) if args.no_huge_pages else hugepages.environment()
@@ -219,8 +221,7 @@ def main(argv=None) -> int:
                 print(f"run.py: parameter check failed ({mode}): minilm's base model has {ours:,} parameters, "
                       f"the transformers GPT-2 {theirs:,}; the two are not the same model", file=sys.stderr)
                 return 1
-        same_adapter = args.targets in ("all-linear", "attn.*") and not args.separate_qkv
-        if "lora" in modes and same_adapter and by[("torch", "lora")].available:
+        if "lora" in modes and args.fuse_qkv and by[("torch", "lora")].available:
             ours, theirs = (by[(side, "lora")].facts["trainable_params"] for side in ("jax", "torch"))
             if ours != theirs:
                 print(f"run.py: adapter check failed: minilm trains {ours:,} LoRA parameters, PEFT {theirs:,}",
@@ -261,12 +262,12 @@ def main(argv=None) -> int:
                    "torch_interop_threads": torch_facts.get("torch_interop_threads"),
                    "torch_cpu_capability": torch_facts.get("cpu_capability"),
                    "attn_implementation": torch_facts.get("attn_implementation")}
-    settings = {k: getattr(args, k) for k in ("preset", "mode", "rank", "targets", "separate_qkv", "rounds", "steps",
+    settings = {k: getattr(args, k) for k in ("preset", "mode", "rank", "targets", "fuse_qkv", "rounds", "steps",
                                              "turn_warmup", "dtype", "warmup", "settle", "seed", "threads")}
 
     print()
     tokens = next(iter(rows.values())).get("tokens_per_step")
-    qkv = "separate q, k, v adapters" if args.separate_qkv else "one A for q, k, v as PEFT's c_attn"
+    qkv = "one A for q, k, v as PEFT's c_attn" if args.fuse_qkv else "separate adapters on our side"
     lora_text = (f", LoRA rank {args.rank} alpha {2 * args.rank} targets {args.targets} ({qkv})"
                  if "lora" in modes else "")
     print(f"preset {args.preset}, {args.dtype}{lora_text}; {args.rounds} rounds x {args.steps} steps per worker, "

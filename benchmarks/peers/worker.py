@@ -52,8 +52,7 @@ class JaxSide:
         lora_cfg = None
         if args.mode == "lora":
             lora_cfg = lora.LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=lora_targets(args.targets),
-                                       # PEFT's adapter on GPT-2's c_attn: one A for q, k and v
-                                       fuse_qkv=args.targets in ("all-linear", "attn.*") and not args.separate_qkv)
+                                       fuse_qkv=args.fuse_qkv)
         train_cfg = dataclasses.replace(train_cfg, dtype=args.dtype)  # bfloat16: mixed precision (train.py)
         self.facts = {"jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count(),
                       "tokens_per_step": train_cfg.grad_accum * train_cfg.batch_size * model_cfg.context,
@@ -112,7 +111,7 @@ def parse_args(argv=None):
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--targets", default="all-linear", choices=("all-linear", "attn.*", "attn.q,attn.v"))
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--separate-qkv", action="store_true", help="ours: one A per q, k, v (else one shared A)")
+    parser.add_argument("--fuse-qkv", action="store_true", help="ours: one A shared by q, k, v (LoraConfig.fuse_qkv)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all CPUs)")
     parser.add_argument("--seed", type=int, default=0)
