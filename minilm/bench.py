@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from minilm import cost as cost_model
 from minilm.config import ModelConfig, TrainConfig
 from minilm.model import init
-from minilm.train import loss_fn, make_step, optimizer
+from minilm.train import loss_fn, make_step, mixed_precision, optimizer
 from minilm.tree import partition, size
 
 
@@ -46,6 +46,7 @@ class TrainStepCase:
     state: list              # [trainable, frozen, opt_state, windows, key]
     compile_seconds: float
     xla: dict = field(default_factory=dict)     # XLA's cost and memory analysis of the compiled step
+    loss: object = loss_fn                      # the step's loss(trainable, frozen, windows, cfg, key)
 
     @property
     def mode(self) -> str:
@@ -66,6 +67,35 @@ class TrainStepCase:
             times.append(time.perf_counter() - start)
         self.state = [trainable, frozen, opt_state, windows, key]
         return times
+
+    def phases(self, rounds: int = 3) -> dict:
+        """Where a step's time goes: the loss alone (forward), the loss with its gradients (forward +
+        backward) and the whole step, each compiled separately and timed on the same state; ms, medians
+        of `rounds` calls after one untimed call. Each part runs its calls back to back: alternating
+        three programs would make every call pay for the others' freed and re-faulted memory. Backward
+        and the optimizer update are the differences, so noise can make them slightly off when small."""
+        cfg, loss = self.model_cfg, mixed_precision(self.loss, self.train_cfg.dtype)
+        forward = jax.jit(lambda tr, fr, w, k: loss(tr, fr, w, cfg, k))
+        gradients = jax.jit(jax.value_and_grad(lambda tr, fr, w, k: loss(tr, fr, w, cfg, k)))
+
+        def over_micro_batches(fn):  # the step's own micro-batches and keys (train.make_step)
+            trainable, frozen, _, windows, key = self.state
+            keys = jax.random.split(key, windows.shape[0])
+            start = time.perf_counter()
+            out = [fn(trainable, frozen, w, k) for w, k in zip(windows, keys)]
+            block(out)
+            return time.perf_counter() - start, out[0]
+
+        first_loss = float(over_micro_batches(forward)[1])  # compiles; the loss of the current state
+        times = {"forward": [over_micro_batches(forward)[0] for _ in range(rounds)]}
+        over_micro_batches(gradients)
+        times["forward_backward"] = [over_micro_batches(gradients)[0] for _ in range(rounds)]
+        self.run(1)
+        times["step"] = self.run(rounds)
+        ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        return {"forward_ms": ms["forward"], "backward_ms": ms["forward_backward"] - ms["forward"],
+                "optimizer_ms": ms["step"] - ms["forward_backward"], "forward_backward_ms": ms["forward_backward"],
+                "step_ms": ms["step"], "first_micro_batch_loss": first_loss}
 
     def memory(self) -> dict:
         """Bytes of each kind of state: exact from the pytrees, activations and temporaries from XLA."""
@@ -128,7 +158,7 @@ def train_step_case(model_cfg: ModelConfig, train_cfg: TrainConfig, lora_cfg=Non
     start = time.perf_counter()
     compiled = step.lower(*state).compile()
     compile_seconds = time.perf_counter() - start
-    case = TrainStepCase(model_cfg, train_cfg, lora_cfg, step, state, compile_seconds, _xla_analysis(compiled))
+    case = TrainStepCase(model_cfg, train_cfg, lora_cfg, step, state, compile_seconds, _xla_analysis(compiled), loss)
     case.run(1)  # jit's own cache now holds the compiled step: the first timed step is a warm one
     return case
 
@@ -263,6 +293,11 @@ def format_cases(cases: list[dict]) -> str:
         _row("tokens per s", [c["tokens_per_s"] for c in cases], ",.0f"),
         _row("first-step compile, s", [c["compile_s"] for c in cases], ".1f"),
         _row("MFU (model FLOPs / matmul peak)", [c["mfu"] for c in cases], ".0%"),
+        *([] if not all("phases" in c for c in cases) else [
+            "measured by parts (each compiled alone):",
+            _row("  ms forward (the loss)", [c["phases"]["forward_ms"] for c in cases], ",.1f"),
+            _row("  ms backward (+ the gradients)", [c["phases"]["backward_ms"] for c in cases], ",.1f"),
+            _row("  ms the rest (optimizer update, ...)", [c["phases"]["optimizer_ms"] for c in cases], ",.1f")]),
         "predicted (minilm/cost.py):",
         _row("  MFLOP/token forward", per_token("forward"), ",.1f"),
         _row("  MFLOP/token input gradients", per_token("input_grad"), ",.1f"),
@@ -283,12 +318,16 @@ def format_cases(cases: list[dict]) -> str:
 
 
 def ratios(full: dict, lora: dict) -> dict:
-    return {
+    out = {
         "time": lora["ms_per_step"] / full["ms_per_step"],
         "model_flops": lora["model_flops"] / full["model_flops"],
         "predicted_time": lora["predicted"]["ms_per_step"] / full["predicted"]["ms_per_step"],
         "optimizer_state": lora["memory"]["optimizer_state_bytes"] / full["memory"]["optimizer_state_bytes"],
     }
+    if "phases" in full and "phases" in lora:  # ms of each part, full and LoRA
+        out["phases_ms"] = {part: [full["phases"][f"{part}_ms"], lora["phases"][f"{part}_ms"]]
+                            for part in ("forward", "backward", "optimizer")}
+    return out
 
 
 def explain(r: dict) -> str:
@@ -302,8 +341,16 @@ def explain(r: dict) -> str:
         why = f"its time ratio below the roofline's {r['predicted_time']:.2f}: the full step runs further below the peak"
     else:
         why = f"as the roofline predicts ({r['predicted_time']:.2f})"
-    return (f"LoRA/full: step time {r['time']:.2f} (measured), matrix FLOPs {r['model_flops']:.2f}, roofline "
+    text = (f"LoRA/full: step time {r['time']:.2f} (measured), matrix FLOPs {r['model_flops']:.2f}, roofline "
             f"{r['predicted_time']:.2f}; optimizer state {r['optimizer_state']:.1%} of full's.\n"
             f"LoRA is {verdict}, {why}. It skips only the weight gradients, a third of a frozen layer's "
             f"matrix FLOPs: frozen layers still run forward and pass gradients down, attention, norms and "
             f"activations cost the same, so the FLOP ratio stays near 2/3 at best.")
+    if "phases_ms" in r:
+        (f_full, f_lora), (b_full, b_lora), (o_full, o_lora) = (r["phases_ms"][k] for k in
+                                                                ("forward", "backward", "optimizer"))
+        text += (f"\nBy parts, full vs LoRA: forward {f_full:,.0f} vs {f_lora:,.0f} ms (the same products, plus "
+                 f"merging the adapters), backward {b_full:,.0f} vs {b_lora:,.0f} ms (no weight gradients), the "
+                 f"rest {o_full:,.0f} vs {o_lora:,.0f} ms (the optimizer update, and what compiling the parts "
+                 f"apart changes).")
+    return text

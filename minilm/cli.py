@@ -376,6 +376,8 @@ def cmd_bench(args) -> int:
         print(f"{mode}: compiling and timing {args.steps} steps ...", flush=True)
         case = bench.train_step_case(model_cfg, train_cfg, lora_cfg if mode == "lora" else None)
         result["cases"].append(bench.describe(case, case.run(args.steps), peak, bandwidth))
+        if args.phases:
+            result["cases"][-1]["phases"] = case.phases()
         result[mode] = result["cases"][-1]
     print(bench.format_cases(result["cases"]))
     if len(modes) == 1:
@@ -566,6 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="number format of the matrix products "
                    "(default: float32; weights and optimizer state stay float32)")
     p.add_argument("--no-sample", dest="sample", action="store_false", help="skip the sampling-speed measurement")
+    p.add_argument("--no-phases", dest="phases", action="store_false",
+                   help="skip timing the step's parts (the loss alone, + gradients, + optimizer update), which "
+                        "compiles each part separately")
     p.add_argument("--sweep", action="store_true", help="also time LoRA/full across --sweep-widths and --sweep-ranks")
     p.add_argument("--sweep-widths", default="128,256,384", metavar="W1,W2", help="widths for --sweep (default: 128,256,384)")
     p.add_argument("--sweep-ranks", default="1,8,64", metavar="R1,R2", help="ranks for --sweep (default: 1,8,64)")

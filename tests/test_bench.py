@@ -53,21 +53,41 @@ def test_bench_json_figures_agree_with_each_other_and_the_cost_model(tmp_path, c
     assert result["lora_over_full"]["time"] == pytest.approx(low["ms_per_step"] / full["ms_per_step"])
     assert result["sampling"]["new_tokens"] == 15 and result["sampling"]["speedup"] > 0
     assert "LoRA/full" in out and "KV cache" in out
+    for case in (full, low):  # the step's parts, timed apart: the differences add up to the parts' times
+        ph = case["phases"]
+        assert ph["forward_ms"] > 0 and ph["forward_backward_ms"] > ph["forward_ms"]
+        assert ph["forward_ms"] + ph["backward_ms"] == pytest.approx(ph["forward_backward_ms"])
+        assert ph["forward_backward_ms"] + ph["optimizer_ms"] == pytest.approx(ph["step_ms"])
+    assert "By parts, full vs LoRA" in out and "ms backward (+ the gradients)" in out
 
 
 def test_bench_one_mode_puts_its_speed_at_the_top_of_the_json(tmp_path, capsys):
     path = tmp_path / "full.json"
-    code, _, err = run(capsys, "bench", *TINY, "--mode", "full", "--no-sample", "--json", str(path))
+    code, _, err = run(capsys, "bench", *TINY, "--mode", "full", "--no-sample", "--no-phases", "--json", str(path))
     assert code == 0, err
     result = json.loads(path.read_text())
     assert result["ms_per_step"] == result["full"]["ms_per_step"] and "lora" not in result
+    assert "phases" not in result["full"]
     assert result["tokens_per_s"] == result["full"]["tokens_per_s"] and "sampling" not in result
+
+
+@pytest.mark.parametrize("lora_cfg", [None, lora.LoraConfig(rank=2, targets=("all-linear",), fuse_qkv=True,
+                                                            dropout=0.1)])
+def test_phases_time_the_same_loss_the_step_reports(lora_cfg):
+    """The parts `phases` times compute what the step computes: its forward gives the step's loss."""
+    from minilm import bench
+
+    model_cfg = ModelConfig(vocab_size=65, context=16, width=32, layers=1, heads=2)
+    case = bench.train_step_case(model_cfg, TrainConfig(batch_size=4), lora_cfg)
+    _, _, metrics = case.step(*case.state)  # the loss of the current state (case.state is not advanced)
+    phases = case.phases(rounds=1)
+    assert phases["first_micro_batch_loss"] == pytest.approx(float(metrics["loss"]), rel=1e-6)
 
 
 def test_bench_sweep_writes_a_plot_and_one_row_per_width_and_rank(tmp_path, capsys):
     plot, path = tmp_path / "ratio.png", tmp_path / "sweep.json"
-    code, out, err = run(capsys, "bench", *TINY, "--mode", "full", "--no-sample", "--sweep", "--sweep-widths", "64,32",
-                         "--sweep-ranks", "1,2", "--plot", str(plot), "--json", str(path))
+    code, out, err = run(capsys, "bench", *TINY, "--mode", "full", "--no-sample", "--no-phases", "--sweep",
+                         "--sweep-widths", "64,32", "--sweep-ranks", "1,2", "--plot", str(plot), "--json", str(path))
     assert code == 0, err
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = json.loads(path.read_text())["sweep"]
