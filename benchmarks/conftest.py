@@ -6,7 +6,6 @@ Benchmarks are not part of `pytest -q` (pyproject.toml's testpaths is `tests`); 
 
 from __future__ import annotations
 
-import os
 import re
 import warnings
 
@@ -15,7 +14,7 @@ import pytest
 import minilm.bench
 from minilm import hugepages
 
-if hugepages.useful() and "glibc.malloc.hugetlb" not in os.environ.get("GLIBC_TUNABLES", ""):
+if hugepages.missing():
     warnings.warn("GLIBC_TUNABLES lacks glibc.malloc.hugetlb=1: steps will be ~15% slower than `make bench` "
                   "(see minilm/hugepages.py)", stacklevel=1)
 

@@ -83,20 +83,17 @@ def test_train_step_bfloat16(benchmark, results, matmul_peak, bandwidth, rank, t
 
 
 def _bench(benchmark, results, matmul_peak, bandwidth, preset, rank, targets, dtype):
-    case = _case(preset, rank, targets, dtype)
-    case.run(1)  # a second warm step before timing
+    case = _case(preset, rank, targets, dtype)  # compiled and warmed by one step
     before = cpu_times()
     benchmark.pedantic(lambda: case.run(1), rounds=ROUNDS[preset], iterations=1, warmup_rounds=1)
     other_cpu = other_cpu_fraction(before, cpu_times())
     stats = getattr(benchmark, "stats", None)  # None under --benchmark-disable: no timings to derive from
-    times = [stats.stats.median] if stats is not None else case.run(1)
+    times = list(stats.stats.data) if stats is not None else case.run(1)  # every timed round
     info = minilm.bench.describe(case, times, matmul_peak, bandwidth)
     info.update(preset=preset, other_cpu_fraction=other_cpu, matmul_peak_gflops=matmul_peak / 1e9,
                 optimizer_state_bytes=info["memory"]["optimizer_state_bytes"],
                 xla_temp_bytes=info["memory"]["xla_temp_bytes"])
-    if stats is not None:
-        info["ms_per_step_min"] = stats.stats.min * 1e3  # less sensitive to other processes on the CPUs
-    else:  # no timings: keep the counts, drop the single untimed-by-benchmark step's figures
+    if stats is None:  # no timings: keep the counts, drop the single untimed-by-benchmark step's figures
         for key in ("ms_per_step", "ms_per_step_min", "tokens_per_s", "mfu"):
             info.pop(key, None)
     key = (preset, dtype)

@@ -89,7 +89,22 @@ def chosen_sites(params, cfg: LoraConfig) -> dict[str, tuple[str, ...]]:
     for pattern in (*cfg.rank_pattern, *cfg.alpha_pattern):
         if not any(matches(pattern, n) for n in chosen):
             raise MinilmError(f"LoRA rank/alpha pattern {pattern!r} matches none of the targets {sorted(chosen)}")
+    if cfg.fuse_qkv:
+        sharing = shared_a(chosen)
+        if not sharing:
+            raise MinilmError(f"fuse_qkv shares one A among a block's q, k, v, but the targets {list(cfg.targets)} "
+                              f"adapt fewer than two of them; add attn.q, attn.k, attn.v or drop fuse_qkv")
+        for name, owner in sharing.items():
+            rank, owner_rank = (_override(cfg.rank_pattern, n, cfg.rank) for n in (name, owner))
+            if rank != owner_rank:
+                raise MinilmError(f"fuse_qkv: {name} has rank {rank} but {owner} has {owner_rank}; "
+                                  f"one shared A needs one rank (check rank_pattern)")
     return chosen
+
+
+def site_ranks(params, cfg: LoraConfig) -> dict[str, int]:
+    """{site: its rank} for every site `cfg` picks, rank_pattern applied."""
+    return {name: _override(cfg.rank_pattern, name, cfg.rank) for name in chosen_sites(params, cfg)}
 
 
 def _override(table, name, default):
@@ -137,16 +152,9 @@ def attach(params, cfg: LoraConfig, *, key: jax.Array):
         scale = cfg.scale_for(rank, _override(cfg.alpha_pattern, name, cfg.alpha))
         base = w if not (cfg.init == "pissa" and is_lora(w)) else w.merged()
         params = _set(params, path, _init_adapter(base, rank, scale, cfg, jax.random.fold_in(key, i), name))
-    if cfg.fuse_qkv:
-        if not shared_a(chosen):
-            raise MinilmError(f"fuse_qkv shares one A among a block's q, k, v, but the targets {list(cfg.targets)} "
-                              f"adapt fewer than two of them; add attn.q, attn.k, attn.v or drop fuse_qkv")
-        for name, owner_name in shared_a(chosen).items():
-            w, owner = _get(params, chosen[name]), _get(params, chosen[owner_name])
-            if w.rank != owner.rank:
-                raise MinilmError(f"fuse_qkv: {name} has rank {w.rank} but {owner_name} has {owner.rank}; "
-                                  f"one shared A needs one rank (check rank_pattern)")
-            params = _set(params, chosen[name], replace(w, lora_a=owner.lora_a, a_from=owner_name.rsplit(".", 1)[1]))
+    for name, owner in (shared_a(chosen) if cfg.fuse_qkv else {}).items():  # chosen_sites checked the ranks
+        w, a = _get(params, chosen[name]), _get(params, chosen[owner]).lora_a
+        params = _set(params, chosen[name], replace(w, lora_a=a, a_from=owner.rsplit(".", 1)[1]))
     return params
 
 

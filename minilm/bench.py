@@ -11,8 +11,6 @@ model in cost.py predicts the same figures from the shapes alone.
 
 from __future__ import annotations
 
-import os
-import resource
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -22,6 +20,7 @@ import jax.numpy as jnp
 
 from minilm import cost as cost_model
 from minilm.config import ModelConfig, TrainConfig
+from minilm.contention import peak_rss_bytes
 from minilm.model import init
 from minilm.train import loss_fn, make_step, mixed_precision, optimizer
 from minilm.tree import partition, size
@@ -78,11 +77,12 @@ class TrainStepCase:
         forward = jax.jit(lambda tr, fr, w, k: loss(tr, fr, w, cfg, k))
         gradients = jax.jit(jax.value_and_grad(lambda tr, fr, w, k: loss(tr, fr, w, cfg, k)))
 
-        def over_micro_batches(fn):  # the step's own micro-batches and keys (train.make_step)
-            trainable, frozen, _, windows, key = self.state
-            keys = jax.random.split(key, windows.shape[0])
+        trainable, frozen, _, windows, key = self.state
+        micro_batches = list(zip(windows, jax.random.split(key, windows.shape[0])))  # as train.make_step splits
+
+        def over_micro_batches(fn):
             start = time.perf_counter()
-            out = [fn(trainable, frozen, w, k) for w, k in zip(windows, keys)]
+            out = [fn(trainable, frozen, w, k) for w, k in micro_batches]
             block(out)
             return time.perf_counter() - start, out[0]
 
@@ -100,10 +100,11 @@ class TrainStepCase:
     def memory(self) -> dict:
         """Bytes of each kind of state: exact from the pytrees, activations and temporaries from XLA."""
         trainable, frozen, opt_state = self.state[:3]
+        trainable_bytes = nbytes(trainable)
         return {
-            "params_bytes": nbytes(trainable) + nbytes(frozen),
-            "trainable_bytes": nbytes(trainable),
-            "gradient_bytes": nbytes(trainable),  # one gradient per trainable scalar, same dtype
+            "params_bytes": trainable_bytes + nbytes(frozen),
+            "trainable_bytes": trainable_bytes,
+            "gradient_bytes": trainable_bytes,  # one gradient per trainable scalar, same dtype
             "optimizer_state_bytes": nbytes(opt_state),
             "xla_temp_bytes": self.xla.get("temp_bytes"),
             "peak_rss_bytes": peak_rss_bytes(),
@@ -112,12 +113,6 @@ class TrainStepCase:
     def counts(self) -> dict:
         trainable, frozen = self.state[:2]
         return {"trainable_params": size(trainable), "total_params": size(trainable) + size(frozen)}
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far (Linux reports kilobytes, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if os.uname().sysname == "Darwin" else peak * 1024
 
 
 def _xla_analysis(compiled) -> dict:
@@ -193,9 +188,8 @@ def memory_bandwidth(megabytes: int = 64, repeats: int = 10) -> float:
 
 def describe(case: TrainStepCase, times: list[float], peak: float, bandwidth: float) -> dict:
     """Every figure of one timed case, measured next to predicted (cost.py), as plain JSON values."""
-    adapters = None if case.lora_cfg is None else cost_model.adapter_ranks(case.model_cfg, case.lora_cfg)
-    predicted = cost_model.step_cost(case.model_cfg, case.train_cfg.batch_size, adapters, case.train_cfg.grad_accum,
-                                     cost_model.adapter_shared_a(case.model_cfg, case.lora_cfg))
+    predicted = cost_model.lora_step_cost(case.model_cfg, case.train_cfg.batch_size, case.lora_cfg,
+                                          case.train_cfg.grad_accum)
     median = statistics.median(times)
     flops = case.xla.get("flops")
     lora_cfg = case.lora_cfg
@@ -338,7 +332,8 @@ def explain(r: dict) -> str:
         why = (f"its time ratio above the roofline's {r['predicted_time']:.2f}: the adapters' thin products and "
                f"extra passes run far below the matmul peak")
     elif gap < -0.05:
-        why = f"its time ratio below the roofline's {r['predicted_time']:.2f}: the full step runs further below the peak"
+        why = (f"its time ratio below the roofline's {r['predicted_time']:.2f}: the full step runs further below "
+               f"the peak")
     else:
         why = f"as the roofline predicts ({r['predicted_time']:.2f})"
     text = (f"LoRA/full: step time {r['time']:.2f} (measured), matrix FLOPs {r['model_flops']:.2f}, roofline "

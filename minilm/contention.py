@@ -1,5 +1,6 @@
-"""Was anything else running while we timed? Read from Linux's /proc/stat; standard library only, so a
-benchmark process of any framework can use it without importing JAX."""
+"""Was anything else running while we timed, and how much memory did we take? Read from Linux's
+/proc/stat and getrusage; standard library only, so a benchmark process of any framework can use it
+without importing JAX."""
 
 from __future__ import annotations
 
@@ -18,6 +19,12 @@ def cpu_times():
     busy = sum(fields[:8]) - fields[3] - fields[4]  # user nice system [idle iowait] irq softirq steal
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), usage.ru_utime + usage.ru_stime
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports kilobytes, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if os.uname().sysname == "Darwin" else peak * 1024
 
 
 def other_cpu_fraction(before, after) -> float | None:

@@ -60,10 +60,16 @@ class StepCost:
     elementwise_bytes: int  # estimate: bytes moved by the non-matmul work (norms, GELU, softmax, optimizer)
     params_bytes: int
     trainable_params: int
-    gradient_bytes: int
-    optimizer_bytes: int  # AdamW: two moments per trainable scalar
     activation_bytes: int  # estimate: what the forward pass keeps for the backward pass
     tokens: int
+
+    @property
+    def gradient_bytes(self) -> int:
+        return F32 * self.trainable_params
+
+    @property
+    def optimizer_bytes(self) -> int:  # AdamW: two moments per trainable scalar
+        return 2 * F32 * self.trainable_params
 
     @property
     def flops(self) -> int:
@@ -165,22 +171,30 @@ def step_cost(cfg: ModelConfig, batch: int, adapters: dict[str, int] | None = No
         forward=forward * grad_accum, input_grad=input_grad * grad_accum, weight_grad=weight_grad * grad_accum,
         lora_extra=lora_extra * grad_accum, elementwise_bytes=int(elementwise),
         params_bytes=F32 * (params + adapter_params), trainable_params=trainable,
-        gradient_bytes=F32 * trainable, optimizer_bytes=2 * F32 * trainable,
         activation_bytes=int(activations), tokens=N * grad_accum)
+
+
+def lora_step_cost(cfg: ModelConfig, batch: int, lora_cfg, grad_accum: int = 1) -> StepCost:
+    """`step_cost` for a lora.LoraConfig (None: full fine-tuning): its sites, ranks and shared A's."""
+    if lora_cfg is None:
+        return step_cost(cfg, batch, None, grad_accum)
+    ranks = adapter_ranks(cfg, lora_cfg)
+    return step_cost(cfg, batch, ranks, grad_accum, _shared(ranks, lora_cfg))
 
 
 def adapter_ranks(cfg: ModelConfig, lora_cfg) -> dict[str, int]:
     """{site: rank} for a lora.LoraConfig on a model of this shape (no arrays are made)."""
-    from lora.adapter import _override, chosen_sites  # lora builds on minilm; imported only when needed
+    from lora.adapter import site_ranks  # lora builds on minilm; imported only when needed
 
-    return {name: _override(lora_cfg.rank_pattern, name, lora_cfg.rank)
-            for name in chosen_sites(param_shapes(cfg), lora_cfg)}
+    return site_ranks(param_shapes(cfg), lora_cfg)
 
 
 def adapter_shared_a(cfg: ModelConfig, lora_cfg) -> frozenset[str]:
     """The sites whose A is another's under a lora.LoraConfig (fuse_qkv: k and v use q's); none for None."""
-    if lora_cfg is None or not lora_cfg.fuse_qkv:
-        return frozenset()
-    from lora.adapter import chosen_sites, shared_a
+    return frozenset() if lora_cfg is None else _shared(adapter_ranks(cfg, lora_cfg), lora_cfg)
 
-    return frozenset(shared_a(chosen_sites(param_shapes(cfg), lora_cfg)))
+
+def _shared(sites, lora_cfg) -> frozenset[str]:
+    from lora.adapter import shared_a
+
+    return frozenset(shared_a(sites)) if lora_cfg.fuse_qkv else frozenset()

@@ -45,10 +45,15 @@ def useful() -> bool:
         return False
 
 
+def missing() -> bool:
+    """Would the tunable help here, and is this process running without it?"""
+    return useful() and "glibc.malloc.hugetlb" not in os.environ.get("GLIBC_TUNABLES", "")
+
+
 def restart_with_huge_pages() -> None:
     """Replace this process by the same command with the tunable set; return at once if it is set
     already or would not help. Call it first thing in a program's entry point, before any work."""
-    if not useful() or "glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", ""):
+    if not missing():
         return
     sys.stdout.flush()
     sys.stderr.flush()

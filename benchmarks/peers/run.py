@@ -108,15 +108,11 @@ class Worker:
         self.facts["startup_seconds"] = time.perf_counter() - start
         self.times: list[float] = []
         self.other_cpu: list[float] = []
-        self.losses: list[float] = []
+        self.last_loss: float | None = None
 
     @property
     def name(self) -> str:
         return f"{'ours' if self.side == 'jax' else 'torch'} {self.mode}"
-
-    @property
-    def available(self) -> bool:
-        return bool(self.facts.get("available"))
 
     def receive(self) -> dict:
         line = self.proc.stdout.readline()
@@ -140,7 +136,7 @@ class Worker:
         if reply.get("other_cpu_fraction") is not None:
             self.other_cpu.append(reply["other_cpu_fraction"])
         if reply.get("loss") is not None:
-            self.losses.append(reply["loss"])
+            self.last_loss = reply["loss"]
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -154,7 +150,7 @@ class Worker:
                 self.proc.wait()
 
     def summary(self) -> dict:
-        out = {"side": self.side, "mode": self.mode, "available": self.available}
+        out = {"side": self.side, "mode": self.mode}
         if self.times:
             median = statistics.median(self.times)
             out.update(ms_per_step=1e3 * median, ms_per_step_min=1e3 * min(self.times),
@@ -164,10 +160,10 @@ class Worker:
         keys = ("trainable_params", "total_params", "base_params", "tokens_per_step", "compile_seconds",
                 "warmup_seconds", "startup_seconds", "optimizer_state_bytes", "peak_rss_bytes", "xla_flops",
                 "xla_temp_bytes", "attn_implementation", "torch_threads", "torch_interop_threads", "cpu_capability",
-                "targets", "peft_target_modules", "adapted_kinds", "adapted_modules", "reason", "backend")
+                "targets", "peft_target_modules", "adapted_kinds", "adapted_modules", "backend")
         out.update({k: self.facts[k] for k in keys if k in self.facts})
-        if self.losses:
-            out["last_loss"] = self.losses[-1]
+        if self.last_loss is not None:
+            out["last_loss"] = self.last_loss
         return out
 
 
@@ -221,19 +217,15 @@ def main(argv=None) -> int:
                 print(f"run.py: parameter check failed ({mode}): minilm's base model has {ours:,} parameters, "
                       f"the transformers GPT-2 {theirs:,}; the two are not the same model", file=sys.stderr)
                 return 1
-        if "lora" in modes and args.fuse_qkv and by[("torch", "lora")].available:
+        if "lora" in modes and args.fuse_qkv:
             ours, theirs = (by[(side, "lora")].facts["trainable_params"] for side in ("jax", "torch"))
             if ours != theirs:
                 print(f"run.py: adapter check failed: minilm trains {ours:,} LoRA parameters, PEFT {theirs:,}",
                       file=sys.stderr)
                 return 1
 
-        timed = [w for w in workers if w.available]
-        for w in workers:
-            if not w.available:
-                print(f"{w.name}: not timed ({w.facts.get('reason')})", file=sys.stderr)
         for r in range(args.rounds):
-            for w in (timed if r % 2 == 0 else timed[::-1]):
+            for w in (workers if r % 2 == 0 else workers[::-1]):
                 time.sleep(args.settle)
                 w.run(args.steps, args.turn_warmup)
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
@@ -279,9 +271,9 @@ def main(argv=None) -> int:
               f"{'compile s':>9} {'others':>7}")
     print(header)
     print("-" * len(header))
-    for (side, mode), row in rows.items():
-        name = f"{'ours' if side == 'jax' else 'torch'} {mode}"
-        print(f"{name:12} {fmt(row.get('ms_per_step'), '9.1f'):>9} {fmt(row.get('ms_per_step_min'), '9.1f'):>9} "
+    for w in workers:
+        row = rows[(w.side, w.mode)]
+        print(f"{w.name:12} {fmt(row.get('ms_per_step'), '9.1f'):>9} {fmt(row.get('ms_per_step_min'), '9.1f'):>9} "
               f"{fmt(row.get('tokens_per_s'), '9,.0f'):>9} {fmt(row.get('trainable_params'), '11,d'):>11} "
               f"{fmt(row.get('total_params'), '11,d'):>11} {fmt(row.get('compile_seconds'), '9.1f', '-'):>9} "
               f"{fmt(row.get('other_cpu_fraction'), '7.0%', '-'):>7}")
@@ -301,8 +293,10 @@ def main(argv=None) -> int:
               f"the times are inflated and the ratios less certain")
 
     if args.json:
-        Path(args.json).write_text(json.dumps({"settings": settings, "environment": environment,
-                                               "results": list(rows.values()), "ratios": ratios}, indent=2) + "\n")
+        from minilm.checkpoint import write_text_atomic  # imports JAX: only now, with the workers closed
+
+        result = {"settings": settings, "environment": environment, "results": list(rows.values()), "ratios": ratios}
+        write_text_atomic(Path(args.json), json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
 

@@ -63,7 +63,7 @@ class JaxSide:
         counts = self.case.counts()
         base = counts["total_params"] - (counts["trainable_params"] if lora_cfg is not None else 0)
         memory = self.case.memory()
-        self.facts.update(available=True, compile_seconds=self.case.compile_seconds, base_params=base, **counts,
+        self.facts.update(compile_seconds=self.case.compile_seconds, base_params=base, **counts,
                           xla_flops=self.case.xla.get("flops"), xla_temp_bytes=self.case.xla.get("temp_bytes"),
                           optimizer_state_bytes=memory["optimizer_state_bytes"])
 
@@ -89,7 +89,7 @@ class TorchSide:
             rank=args.rank, targets=args.targets, dtype=args.dtype, seed=args.seed, threads=args.threads)
         start = time.perf_counter()
         self.step.run(max(1, args.warmup))  # the first step also allocates AdamW's state
-        self.facts = {"available": True, "warmup_seconds": time.perf_counter() - start,
+        self.facts = {"warmup_seconds": time.perf_counter() - start,
                       "tokens_per_step": self.step.tokens_per_step, "batch": self.step.inputs.shape[0],
                       "context": self.step.inputs.shape[1], **self.step.counts(), **self.step.info,
                       "optimizer_state_bytes": self.step.memory()["optimizer_state_bytes"]}
