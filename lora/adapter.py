@@ -70,7 +70,8 @@ def _set(tree, path, value):
 
 
 def chosen_sites(params, cfg: LoraConfig) -> dict[str, tuple[str, ...]]:
-    """The sites the config's targets and layer selection pick; a target matching nothing is an error."""
+    """The sites the config's targets and layer selection pick. Errors, before any array is made: a target
+    or pattern matching nothing, a missing layer, a rank above a matrix's, q, k, v that cannot share an A."""
     all_sites = sites(params)
     chosen = {}
     for target in cfg.targets:
@@ -89,6 +90,11 @@ def chosen_sites(params, cfg: LoraConfig) -> dict[str, tuple[str, ...]]:
     for pattern in (*cfg.rank_pattern, *cfg.alpha_pattern):
         if not any(matches(pattern, n) for n in chosen):
             raise MinilmError(f"LoRA rank/alpha pattern {pattern!r} matches none of the targets {sorted(chosen)}")
+    for name in sorted(chosen):
+        rank, (d_in, d_out) = _override(cfg.rank_pattern, name, cfg.rank), _get(params, chosen[name]).shape
+        if rank > min(d_in, d_out):
+            raise MinilmError(f"LoRA rank {rank} for {name} is larger than min(d_in, d_out) = {min(d_in, d_out)} "
+                              f"of its {d_in}x{d_out} matrix; choose rank <= {min(d_in, d_out)}")
     if cfg.fuse_qkv:
         sharing = shared_a(chosen)
         if not sharing:
@@ -115,10 +121,7 @@ def _override(table, name, default):
 
 
 def _init_adapter(w: jax.Array, rank: int, scale: float, cfg: LoraConfig, key, name: str) -> LoraWeight:
-    d_in, d_out = w.shape
-    if rank > min(d_in, d_out):
-        raise MinilmError(f"LoRA rank {rank} for {name} is larger than min(d_in, d_out) = {min(d_in, d_out)} "
-                          f"of its {d_in}x{d_out} matrix; choose rank <= {min(d_in, d_out)}")
+    d_in, d_out = w.shape  # chosen_sites checked that rank <= min(d_in, d_out)
     if cfg.use_dora and name == "embed":
         raise MinilmError("DoRA is undefined on the tied embedding: its rows are token vectors on input and "
                           "output units on output; drop embed from the targets or use_dora")

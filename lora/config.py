@@ -52,6 +52,9 @@ class LoraConfig:
         def fail(message):
             raise MinilmError(f"LoRA config: {message}")
 
+        for key in ("use_rslora", "use_dora", "fuse_qkv"):
+            if not isinstance(getattr(self, key), bool):
+                fail(f"{key} = {getattr(self, key)!r} must be true or false")
         for key, rank in {"rank": self.rank, **self.rank_pattern}.items():
             if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
                 fail(f"rank {rank!r} (for {key}) must be a positive integer, e.g. rank=8")

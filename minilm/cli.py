@@ -353,14 +353,32 @@ def cmd_bench(args) -> int:
     if args.steps <= 0:
         raise MinilmError(f"--steps {args.steps}: must be positive")
     modes = ["full", "lora"] if args.mode == "both" else [args.mode]
-    if args.sweep:  # check the lists before any timing
+    from minilm.cost import adapter_ranks
+
+    if "lora" in modes:  # fail early on an adapter that does not fit the model
+        adapter_ranks(model_cfg, lora_cfg)
+    if args.sweep:  # check the lists, the sizes, the adapters and the plot's format before any timing
         args.sweep_widths = _int_list(args.sweep_widths, "--sweep-widths")
         args.sweep_ranks = _int_list(args.sweep_ranks, "--sweep-ranks")
-    if args.json and Path(args.json).is_dir():
-        raise MinilmError(f"--json {args.json} is a folder; give a file name such as bench.json")
-    if "lora" in modes:  # fail early on an adapter that does not fit the model
-        from minilm.cost import adapter_ranks
-        adapter_ranks(model_cfg, lora_cfg)
+        for width in args.sweep_widths:
+            try:
+                cfg = _sweep_model(model_cfg, width)
+            except MinilmError as e:
+                raise MinilmError(f"--sweep-widths: {e}") from None
+            for rank in args.sweep_ranks:
+                try:
+                    adapter_ranks(cfg, _sweep_adapter(lora_cfg, rank))
+                except MinilmError as e:
+                    raise MinilmError(f"--sweep-ranks {rank} at width {width}: {e}") from None
+        formats = _figure_formats()
+        if Path(args.plot).suffix.lstrip(".").lower() not in formats:
+            raise MinilmError(f"--plot {args.plot}: name the file with one of the suffixes "
+                              f"{', '.join('.' + f for f in sorted(formats))}, e.g. bench_ratio.png")
+    for flag, path in (("--json", args.json), ("--plot", args.plot if args.sweep else None)):
+        if path and Path(path).is_dir():
+            raise MinilmError(f"{flag} {path} is a folder; give a file name such as bench.json")
+        if path and not Path(path).parent.is_dir():
+            raise MinilmError(f"{flag} {path}: the folder {Path(path).parent} does not exist; create it first")
 
     print(f"minilm bench: width {model_cfg.width}, {model_cfg.layers} layers, {model_cfg.heads} heads, context "
           f"{model_cfg.context}, vocabulary {model_cfg.vocab_size}; batch {train_cfg.batch_size} x "
@@ -398,6 +416,20 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _sweep_model(model_cfg, width: int):
+    return dataclasses.replace(model_cfg, width=width, heads=max(1, width // 64))  # heads of size 64
+
+
+def _sweep_adapter(lora_cfg, rank: int):
+    return dataclasses.replace(lora_cfg, rank=rank, alpha=2.0 * rank)
+
+
+def _figure_formats() -> set[str]:
+    from matplotlib.figure import Figure
+
+    return set(Figure().canvas.get_supported_filetypes())
+
+
 def _sweep(args, model_cfg, train_cfg, lora_cfg, peak, bandwidth) -> list[dict]:
     """LoRA/full step time across widths and ranks (heads of size 64; LoRA with --lora's targets)."""
     from tqdm import tqdm
@@ -408,13 +440,13 @@ def _sweep(args, model_cfg, train_cfg, lora_cfg, peak, bandwidth) -> list[dict]:
     rows = []
     with tqdm(total=len(widths) * (1 + len(ranks)), desc="sweep", unit="case") as bar:
         for width in widths:
-            cfg = dataclasses.replace(model_cfg, width=width, heads=max(1, width // 64))
+            cfg = _sweep_model(model_cfg, width)
             full_case = bench.train_step_case(cfg, train_cfg)
             full = bench.describe(full_case, full_case.run(args.steps), peak, bandwidth)
             bar.update(1)
             for rank in ranks:
                 bar.set_postfix_str(f"width {width} rank {rank}")
-                adapter = dataclasses.replace(lora_cfg, rank=rank, alpha=2.0 * rank)
+                adapter = _sweep_adapter(lora_cfg, rank)
                 case = bench.train_step_case(cfg, train_cfg, adapter)
                 low = bench.describe(case, case.run(args.steps), peak, bandwidth)
                 r = bench.ratios(full, low)
@@ -427,7 +459,6 @@ def _sweep(args, model_cfg, train_cfg, lora_cfg, peak, bandwidth) -> list[dict]:
         print(f"{r['width']:>6} {r['rank']:>5} {r['full_ms']:>9.1f} {r['lora_ms']:>9.1f} {r['time_ratio']:>11.2f} "
               f"{r['flop_ratio']:>11.2f} {r['predicted_ratio']:>9.2f}")
     plot = Path(args.plot)
-    plot.parent.mkdir(parents=True, exist_ok=True)
     bench.ratio_plot(rows, plot)
     print(f"plot: {plot}")
     return rows

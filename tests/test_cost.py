@@ -87,15 +87,21 @@ def test_full_step_costs_three_forwards_and_lora_removes_the_weight_gradients():
     full = cost.step_cost(CFG, BATCH)
     adapters = cost.adapter_ranks(CFG, CASES["all-linear"])
     lora_cost = cost.step_cost(CFG, BATCH, adapters)
-    linear = sum(p.flops for p in cost.products(CFG, BATCH) if p.kind == "linear")
-    assert full.weight_grad == linear                 # every linear layer's dW, tied unembedding included
+    N, D, F, V, L = BATCH * CFG.context, CFG.width, CFG.mlp_width, CFG.vocab_size, CFG.layers
+    # every linear layer's dW by hand: q, k, v, o (D, D), fc (D, F), proj (F, D), and the tied unembedding
+    assert full.weight_grad == 2 * N * (L * (4 * D * D + 2 * D * F) + D * V)
     assert full.input_grad < full.forward * 2         # the embedding lookup passes no dX further down
     assert lora_cost.weight_grad == 0 and lora_cost.forward == full.forward
     # the adapters' own products, per (d_in, d_out) matrix: the merge A B, 2 d_in R d_out, and four thin
     # products of the backward pass (x A, (x A)ᵀ dY, dY Bᵀ, xᵀ (dY Bᵀ)), 4 N R (d_in + d_out)
-    N, D, F, R = BATCH * CFG.context, CFG.width, CFG.mlp_width, 8
+    R = 8
     extra = lambda d_in, d_out: 2 * d_in * R * d_out + 4 * N * R * (d_in + d_out)
     assert lora_cost.lora_extra == CFG.layers * (4 * extra(D, D) + extra(D, F) + extra(F, D))
+    # cost.lora_step_cost finds the same sites and shared A's itself
+    for lora_cfg in CASES.values():
+        adapters = None if lora_cfg is None else cost.adapter_ranks(CFG, lora_cfg)
+        assert cost.lora_step_cost(CFG, BATCH, lora_cfg) == cost.step_cost(
+            CFG, BATCH, adapters, shared_a=cost.adapter_shared_a(CFG, lora_cfg))
 
 
 def test_attention_blocks_cover_the_causal_triangle_once():

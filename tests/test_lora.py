@@ -28,6 +28,7 @@ from helpers import scrambled
 
 import lora
 from lora import LoraConfig, LoraWeight
+from lora.weight import adapted_matmul
 from minilm import train
 from minilm.config import ModelConfig, TrainConfig
 from minilm.errors import MinilmError
@@ -324,6 +325,39 @@ def test_saved_adapter_loads_to_bit_identical_outputs(case, base, tokens, tmp_pa
     assert sum(r["trainable"] for r in rows) == trainable_count(case)
 
 
+@pytest.mark.parametrize("wrt", [(0, 2, 3), (2, 3), (0, 1, 2, 3)])  # LoRA below trains / nothing below / W too
+def test_adapted_matmul_gradients_against_the_plain_formula_and_finite_differences(wrt):
+    """The hand-written backward of adapted_matmul (dx, dA, dB, and dW when W trains) equals autodiff of
+    x @ W + s (x @ A) @ B, in float64; and both agree with central finite differences."""
+    from jax.test_util import check_grads
+
+    rng = np.random.default_rng(11)
+    with jax.enable_x64(True):
+        x, w, a, b = (jnp.asarray(rng.normal(size=s)) for s in ((N, D), (D, F), (D, 3), (3, F)))
+        cot = jnp.asarray(rng.normal(size=(N, F)))  # a random output gradient: every entry matters
+        scale = 1.7
+
+        def ours(*args):
+            full = [x, w, a, b]
+            for i, arg in zip(wrt, args):
+                full[i] = arg
+            return jnp.sum(adapted_matmul(*full, scale) * cot)
+
+        def plain(*args):
+            full = [x, w, a, b]
+            for i, arg in zip(wrt, args):
+                full[i] = arg
+            x_, w_, a_, b_ = full
+            return jnp.sum((x_ @ w_ + scale * (x_ @ a_) @ b_) * cot)
+
+        args = tuple([x, w, a, b][i] for i in wrt)
+        got = jax.grad(ours, argnums=tuple(range(len(wrt))))(*args)
+        want = jax.grad(plain, argnums=tuple(range(len(wrt))))(*args)
+        for g, h in zip(got, want):
+            np.testing.assert_allclose(g, h, rtol=1e-12, atol=1e-10)
+        check_grads(ours, args, order=1, modes=("rev",))
+
+
 def test_fused_qkv_is_one_adapter_on_the_stacked_qkv_matrix(base, tokens):
     """fuse_qkv = LoRA on [W_q W_k W_v] (D, 3D) with B = [B_q B_k B_v]: checked against NumPy, and its
     A's gradient against the sum of three separate adapters' gradients taken at the same values."""
@@ -384,8 +418,12 @@ def test_fused_qkv_owner_dropout_and_other_targets(base):
         assert jnp.array_equal(jax.random.key_data(v.dropout_key), jax.random.key_data(k.dropout_key))
         assert not jnp.array_equal(jax.random.key_data(o.dropout_key), jax.random.key_data(k.dropout_key))
     # attaching a second adapter to a tree with holes works (attach ties first)
-    lora.attach(train.combine(trainable, frozen), LoraConfig(rank=2, targets=("attn.q",), name="second"),
-                key=jax.random.key(6))
+    stacked = lora.attach(train.combine(trainable, frozen), LoraConfig(rank=2, targets=("attn.q",), name="second"),
+                          key=jax.random.key(6))
+    assert lora.adapter_names(stacked) == ["default", "second"]
+    inner = lora_sites(stacked)
+    np.testing.assert_array_equal(inner["blocks.0.attn.v.w"].lora_a, inner["blocks.0.attn.k.w"].lora_a)
+    assert inner["blocks.0.attn.q.w"].name == "second"
 
 
 def test_fused_qkv_adapter_file_holds_each_shared_a_once(base, tmp_path):
@@ -592,6 +630,8 @@ def test_disable_one_adapter_or_all(stacked, base):
     (dict(targets=()), "targets is empty"),
     (dict(use_dora=True, init="pissa"), "use_dora with init=pissa"),
     (dict(fuse_qkv=True, init="pissa"), "fuse_qkv with init=pissa"),
+    (dict(fuse_qkv="no"), "fuse_qkv = 'no' must be true or false"),
+    (dict(use_dora=1), "use_dora = 1 must be true or false"),
     (dict(name="my adapter"), "name = 'my adapter'"),
 ])
 def test_bad_lora_config(kwargs, words):
