@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from matplotlib.figure import Figure
 from tqdm import tqdm
@@ -68,7 +69,8 @@ def finetune_with_checkpoints(name, base, dataset, model_cfg, train_cfg, lora_cf
     with tqdm(total=train_cfg.steps, desc=f"fine-tune {name}", unit="step", leave=False) as bar:
         for state, metrics in train.run(start, dataset, model_cfg, train_cfg, loss):
             if metrics["step"] % every == 0 or metrics["step"] == train_cfg.steps:
-                kept.append((metrics["step"], plain(combine(state.trainable, state.frozen))))
+                # a copy: the next step updates state.trainable in place (train.run)
+                kept.append((metrics["step"], jax.tree.map(jnp.copy, plain(combine(state.trainable, state.frozen)))))
             bar.set_postfix(loss=f"{metrics['loss']:.3f}")
             bar.update(1)
     return kept, kept[-1][1], size(trainable)

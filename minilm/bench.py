@@ -145,7 +145,7 @@ def train_step_case(model_cfg: ModelConfig, train_cfg: TrainConfig, lora_cfg=Non
         adapted = lora.attach(params, lora_cfg, key=jax.random.key(seed + 1))
         trainable, frozen = lora.split(adapted, lora_cfg)
         loss = lora.loss_fn
-    step = make_step(model_cfg, train_cfg, loss)
+    step = make_step(model_cfg, train_cfg, loss, donate=True)  # in place, as train.run steps
     opt_state = optimizer(train_cfg).init(trainable)
     shape = (train_cfg.grad_accum, train_cfg.batch_size, model_cfg.context + 1)
     windows = jax.random.randint(jax.random.key(seed + 2), shape, 0, model_cfg.vocab_size)

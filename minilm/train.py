@@ -78,13 +78,21 @@ def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(clip, adamw)
 
 
-@functools.cache  # one compiled step per (model, training, loss): runs in one process share it
-def make_step(model_cfg: ModelConfig, train_cfg: TrainConfig, loss=loss_fn):
+@functools.cache  # one compiled step per (model, training, loss, donate): runs in one process share it
+def make_step(model_cfg: ModelConfig, train_cfg: TrainConfig, loss=loss_fn, *, donate: bool = False):
     """The jit-compiled step: (trainable, frozen, opt_state, windows (A, B, T + 1), key) ->
     (trainable, opt_state, metrics). The A micro-batches' gradients are averaged, then one update.
 
     `loss(trainable, frozen, windows, cfg, key)` can be replaced, e.g. to add LoRA dropout; the default
     is the language-model loss.
+
+    Speed trick, `donate=True`: the step updates `trainable` and `opt_state` in place. XLA writes the new
+    values into the old ones' buffers (JAX's buffer donation), and the arrays passed in are deleted, so
+    the caller must not use them again. Without it every step allocates fresh memory for the new
+    parameters and both Adam moments (3 x 43 MB for `small`), and Linux zeroes that memory page by page
+    on first touch. Measured on 2 CPU cores, `small` full step: ~10,800 -> ~550 page faults per step and
+    ~3.5% less time (8 alternated process pairs). Same numbers either way. `run` donates; the default
+    does not, so a step called by hand leaves its arguments alone.
     """
     opt = optimizer(train_cfg)
     grad_fn = jax.value_and_grad(mixed_precision(loss, train_cfg.dtype))  # d/d(trainable) only: argument 0
@@ -107,7 +115,7 @@ def make_step(model_cfg: ModelConfig, train_cfg: TrainConfig, loss=loss_fn):
         trainable = optax.apply_updates(trainable, updates)
         return trainable, opt_state, {"loss": loss_value, "grad_norm": optax.tree.norm(grads)}
 
-    return jax.jit(step)
+    return jax.jit(step, donate_argnums=(0, 2) if donate else ())
 
 
 @functools.cache
@@ -156,8 +164,15 @@ def run(state: TrainState, data: data_lib.Dataset, model_cfg: ModelConfig, train
     evaluation; the first includes compilation), and eval_loss on the held-out text every
     `eval_every` steps and at the last step. The caller decides what to print and when to save;
     stopping the iteration early and resuming from the yielded state continues bit-identically.
+
+    The steps update the parameters in place (make_step's `donate`), so a yielded state's trainable
+    parameters and optimizer state are valid until the loop continues: save or copy what you keep
+    (`jax.tree.map(jnp.copy, state.trainable)`). The state passed in is copied first and stays valid.
     """
-    step_fn = make_step(model_cfg, train_cfg, loss)
+    step_fn = make_step(model_cfg, train_cfg, loss, donate=True)
+    # The caller's arrays are often a base model it compares with the tuned one afterwards: keep them.
+    state = replace(state, trainable=jax.tree.map(jnp.copy, state.trainable),
+                    opt_state=jax.tree.map(jnp.copy, state.opt_state))
     eval_fn = make_eval(model_cfg, loss)
     lr = schedule(train_cfg)
     train_ids, val_ids = jnp.asarray(data.train), jnp.asarray(data.val)

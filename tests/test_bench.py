@@ -89,9 +89,10 @@ def test_phases_time_the_same_loss_the_step_computes(lora_cfg, dtype):
         case.state[0] = trainable
     loss = train.mixed_precision(train.loss_fn if lora_cfg is None else lora.loss_fn, dtype)
     want = float(loss(trainable, frozen, windows[0], model_cfg, jax.random.split(key, 2)[0]))
+    other = float(loss(trainable, frozen, windows[0], model_cfg, jax.random.split(key, 2)[1]))
+    # (computed first: phases takes real steps, which update `trainable` in place)
     assert case.phases(rounds=1)["first_micro_batch_loss"] == pytest.approx(want, rel=1e-6)
     if lora_cfg is not None:  # control: another key drops other inputs
-        other = float(loss(trainable, frozen, windows[0], model_cfg, jax.random.split(key, 2)[1]))
         assert abs(other - want) > 1e-4
 
 

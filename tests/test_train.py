@@ -71,6 +71,32 @@ def test_resume_from_checkpoint_is_bit_identical(arithmetic_data, small_cfgs, tm
         np.testing.assert_array_equal(leaf, named_leaves(second_half[-1][0].trainable)[name], err_msg=name)
 
 
+def test_in_place_steps_compute_the_same_and_leave_the_callers_state_alone(arithmetic_data, small_cfgs):
+    """make_step(donate=True) reuses the buffers of trainable and opt_state: the same numbers as the plain
+    step, the donated arguments deleted; train.run, which donates, leaves the state it was given usable."""
+    model_cfg, train_cfg = small_cfgs
+    state = fresh_state(model_cfg, train_cfg)
+    windows = batches(jnp.asarray(arithmetic_data.train), state.data_key, 0, count=train_cfg.grad_accum,
+                      batch_size=train_cfg.batch_size, context=model_cfg.context)
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731
+    plain = train.make_step(model_cfg, train_cfg)(state.trainable, state.frozen, state.opt_state, windows,
+                                                   state.step_key)
+    trainable, opt_state = copy(state.trainable), copy(state.opt_state)
+    donated = train.make_step(model_cfg, train_cfg, donate=True)(trainable, state.frozen, opt_state, windows,
+                                                                 state.step_key)
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(donated)):
+        np.testing.assert_array_equal(a, b)
+    assert all(x.is_deleted() for x in jax.tree.leaves((trainable, opt_state)))
+    assert not any(x.is_deleted() for x in jax.tree.leaves((state.trainable, state.frozen, state.opt_state)))
+
+    before = {n: np.asarray(x) for n, x in named_leaves(state.trainable).items()}
+    for _ in train.run(state, arithmetic_data, model_cfg, train_cfg):
+        pass
+    for name, leaf in named_leaves(state.trainable).items():  # still there, and unchanged
+        np.testing.assert_array_equal(leaf, before[name], err_msg=name)
+    assert int(state.opt_state[1][0].count) == 0  # AdamW's step count in the state given: still 0
+
+
 def test_frozen_subset_stays_bit_identical(arithmetic_data, small_cfgs):
     model_cfg, train_cfg = small_cfgs
     is_trainable = lambda name: name.startswith("blocks.1.")  # noqa: E731
