@@ -71,25 +71,35 @@ class TrainStepCase:
         """Where a step's time goes: the loss alone (forward), the loss with its gradients (forward +
         backward) and the whole step, each compiled separately and timed on the same state; ms, medians
         of `rounds` calls after one untimed call. Each part runs its calls back to back: alternating
-        three programs would make every call pay for the others' freed and re-faulted memory. Backward
-        and the optimizer update are the differences, so noise can make them slightly off when small."""
+        three programs would make every call pay for the others' freed and re-faulted memory. For the
+        same reason the gradients are written into the previous call's gradient buffers (donated), as the
+        step writes its update in place. Backward and the optimizer update are the differences, so noise
+        can make them slightly off when small."""
         cfg, loss = self.model_cfg, mixed_precision(self.loss, self.train_cfg.dtype)
         forward = jax.jit(lambda tr, fr, w, k: loss(tr, fr, w, cfg, k))
-        gradients = jax.jit(jax.value_and_grad(lambda tr, fr, w, k: loss(tr, fr, w, cfg, k)))
+        gradients = jax.jit(lambda tr, fr, w, k, spent: jax.value_and_grad(loss)(tr, fr, w, cfg, k),
+                            donate_argnums=4)
 
         trainable, frozen, _, windows, key = self.state
         micro_batches = list(zip(windows, jax.random.split(key, windows.shape[0])))  # as train.make_step splits
+        grads = [jax.tree.map(jnp.zeros_like, trainable) for _ in micro_batches]
 
-        def over_micro_batches(fn):
+        def forward_pass():
             start = time.perf_counter()
-            out = [fn(trainable, frozen, w, k) for w, k in micro_batches]
-            block(out)
-            return time.perf_counter() - start, out[0]
+            losses = block([forward(trainable, frozen, w, k) for w, k in micro_batches])
+            return time.perf_counter() - start, losses[0]
 
-        first_loss = float(over_micro_batches(forward)[1])  # compiles; the loss of the current state
-        times = {"forward": [over_micro_batches(forward)[0] for _ in range(rounds)]}
-        over_micro_batches(gradients)
-        times["forward_backward"] = [over_micro_batches(gradients)[0] for _ in range(rounds)]
+        def backward_pass():
+            nonlocal grads
+            start = time.perf_counter()
+            out = block([gradients(trainable, frozen, w, k, g) for (w, k), g in zip(micro_batches, grads)])
+            grads = [g for _, g in out]
+            return time.perf_counter() - start
+
+        first_loss = float(forward_pass()[1])  # compiles; the loss of the current state
+        times = {"forward": [forward_pass()[0] for _ in range(rounds)]}
+        backward_pass()
+        times["forward_backward"] = [backward_pass() for _ in range(rounds)]
         self.run(1)
         times["step"] = self.run(rounds)
         ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
