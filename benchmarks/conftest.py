@@ -12,11 +12,13 @@ import warnings
 import pytest
 
 import minilm.bench
-from minilm import hugepages
+from minilm import allocator
 
-if hugepages.missing():
-    warnings.warn("GLIBC_TUNABLES lacks glibc.malloc.hugetlb=1: steps will be ~15% slower than `make bench` "
-                  "(see minilm/hugepages.py)", stacklevel=1)
+if allocator.missing():
+    warnings.warn("GLIBC_TUNABLES lacks minilm/allocator.py's tunables: steps will be ~20% slower than "
+                  "`make bench`", stacklevel=1)
+elif allocator.useful():
+    allocator.run_inline()  # the step's memory comes from the heap glibc keeps
 
 RESULTS: list[dict] = []  # one row per benchmarked case, in run order; printed by pytest_terminal_summary
 

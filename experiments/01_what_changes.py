@@ -237,5 +237,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    common.restart_with_huge_pages()  # a speed trick, see minilm/hugepages.py
+    common.restart_with_tunables()  # a speed trick, see minilm/allocator.py
     sys.exit(main())

@@ -20,7 +20,7 @@ import lora
 from minilm import train
 from minilm.config import DataConfig, ModelConfig, TrainConfig, preset
 from minilm.data import Dataset, load_dataset
-from minilm.hugepages import restart_with_huge_pages  # noqa: F401 (the scripts call it first)
+from minilm.allocator import restart_with_tunables  # noqa: F401 (the scripts call it first)
 from minilm.model import init
 from minilm.tree import combine, partition, size
 

@@ -18,7 +18,7 @@ import time
 import typing
 from pathlib import Path
 
-from minilm import hugepages
+from minilm import allocator
 from minilm.config import FINETUNE, LORA_LR, PRESETS, DataConfig, ModelConfig, SampleConfig, TrainConfig, preset
 from minilm.errors import MinilmError
 
@@ -613,8 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    if argv is None:  # a real command line (not a call from Python): restart once with huge pages
-        hugepages.restart_with_huge_pages()
+    if argv is None:  # a real command line (not a call from Python): restart once with glibc's tunables
+        allocator.restart_with_tunables()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -1,7 +1,7 @@
 """`minilm bench` and mixed precision, as a user meets them. No timing is asserted (speed lives in
 benchmarks/ and in the closing notes); what is checked is what must hold whatever the machine:
 identities between the reported figures, counts against the pytrees and the cost model, files written,
-clear errors. Plus the huge-page restart's environment handling, and bfloat16 training numerics."""
+clear errors. Plus bfloat16 training numerics."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import lora
-from minilm import cost, hugepages, train
+from minilm import cost, train
 from minilm.cli import main
 from minilm.config import ModelConfig, TrainConfig
 from minilm.errors import MinilmError
@@ -184,19 +184,3 @@ def test_mixed_precision_casts_block_matrices_only():
 def test_bad_dtype_is_refused():
     with pytest.raises(MinilmError, match="dtype = 'float16'"):
         TrainConfig(dtype="float16")
-
-
-# ---------------------------------------------------------------- huge pages
-
-
-def test_huge_page_environment_keeps_other_tunables_and_is_idempotent():
-    env = hugepages.environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "HOME": "/x"})
-    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1" and env["HOME"] == "/x"
-    assert hugepages.environment(env) == env
-    assert hugepages.environment({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
-
-
-def test_huge_pages_can_be_turned_off(monkeypatch):
-    monkeypatch.setenv("MINILM_HUGE_PAGES", "0")
-    assert not hugepages.useful()
-    hugepages.restart_with_huge_pages()  # returns instead of replacing the test process

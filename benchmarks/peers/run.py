@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from minilm import hugepages
+from minilm import allocator
 
 HERE = Path(__file__).resolve().parent
 TARGET_CHOICES = ("all-linear", "attn.*", "attn.q,attn.v")
@@ -66,8 +66,9 @@ def parse_args(argv=None):
     parser.add_argument("--settle", type=float, default=0.2,
                         help="seconds to wait before each worker's turn, so the previous worker's spinning "
                              "threads have gone to sleep")
-    parser.add_argument("--no-huge-pages", action="store_true",
-                        help="do not give both workers glibc's huge-page tunable (minilm/hugepages.py)")
+    parser.add_argument("--no-malloc-tuning", action="store_true",
+                        help="do not give both workers glibc's tunables (huge pages, memory kept between steps: "
+                             "minilm/allocator.py)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="also write every figure and raw time here")
     args = parser.parse_args(argv)
@@ -100,8 +101,8 @@ class Worker:
         if args.fuse_qkv:
             command += ["--fuse-qkv"]
         start = time.perf_counter()
-        # Both sides get the same allocator setting: glibc's huge pages (minilm/hugepages.py) unless turned off.
-        env = dict(os.environ) if args.no_huge_pages else hugepages.environment()
+        # Both sides get the same allocator settings (minilm/allocator.py) unless turned off.
+        env = dict(os.environ) if args.no_malloc_tuning else allocator.environment()
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
                                      env=env)
         self.facts = self.receive()
