@@ -39,12 +39,15 @@ def _given(env) -> list[str]:
     return [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
 
 
+def _names(tunables: list[str]) -> set[str]:
+    return {t.partition("=")[0] for t in tunables}
+
+
 def environment(env: dict | None = None) -> dict:
     """A copy of `env` (default os.environ) with each of TUNABLES added to GLIBC_TUNABLES, unless set already."""
     env = dict(os.environ if env is None else env)
     given = _given(env)
-    names = {t.partition("=")[0] for t in given}
-    env["GLIBC_TUNABLES"] = ":".join(given + [f"{k}={v}" for k, v in TUNABLES.items() if k not in names])
+    env["GLIBC_TUNABLES"] = ":".join(given + [f"{k}={v}" for k, v in TUNABLES.items() if k not in _names(given)])
     return env
 
 
@@ -56,7 +59,7 @@ def useful() -> bool:
 
 def missing() -> bool:
     """Would the tunables help here, and is this process running without one of them?"""
-    return useful() and not TUNABLES.keys() <= {t.partition("=")[0] for t in _given(os.environ)}
+    return useful() and not TUNABLES.keys() <= _names(_given(os.environ))
 
 
 def restart_with_tunables() -> None:
@@ -75,7 +78,7 @@ def run_inline() -> None:
     """Run JAX's CPU computations on the calling thread, so the step's memory comes from the heap glibc
     keeps (3. above). Must come before the first computation: JAX reads it when it creates its CPU client."""
     import jax
-    from jax._src import xla_bridge
+    from jax._src import xla_bridge  # JAX has no public "has a backend been created?"
 
     if xla_bridge.backends_are_initialized():
         raise RuntimeError("run_inline() must be called before JAX's first computation")
