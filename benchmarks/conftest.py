@@ -17,7 +17,7 @@ from minilm import allocator
 if allocator.missing():
     warnings.warn("GLIBC_TUNABLES lacks minilm/allocator.py's tunables: steps will be ~20% slower than "
                   "`make bench`", stacklevel=1)
-elif allocator.useful():
+elif allocator.tuned():
     allocator.run_inline()  # the step's memory comes from the heap glibc keeps
 
 RESULTS: list[dict] = []  # one row per benchmarked case, in run order; printed by pytest_terminal_summary

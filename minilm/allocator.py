@@ -62,6 +62,11 @@ def missing() -> bool:
     return useful() and not TUNABLES.keys() <= _names(_given(os.environ))
 
 
+def tuned() -> bool:
+    """Is this process running with the tunables, where they help? (Then it should also `run_inline`.)"""
+    return useful() and not missing()
+
+
 def restart_with_tunables() -> None:
     """Replace this process by the same command with the tunables set, and run JAX inline (`run_inline`);
     return at once if they are set already or would not help. Call it first thing in a program's entry
@@ -70,7 +75,7 @@ def restart_with_tunables() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environment())
-    if useful():
+    if tuned():
         run_inline()
 
 

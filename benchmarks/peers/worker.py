@@ -48,7 +48,7 @@ class JaxSide:
         import minilm.config
         from minilm import allocator
 
-        if allocator.useful() and not allocator.missing():  # run.py gave us glibc's tunables: keep memory
+        if allocator.tuned():  # run.py gave us glibc's tunables: keep memory
             allocator.run_inline()
 
         model_cfg, train_cfg = minilm.config.preset(args.preset)
