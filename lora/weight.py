@@ -154,11 +154,26 @@ def _adapted_matmul_fwd(x, w, a, b, scale):
 def _adapted_matmul_bwd(scale, residuals, dy):
     x, merged, a, b, needed = residuals
     dy_b = dy @ b.T                                     # (N, R)
-    da = scale * (x.T @ dy_b)                           # (d_in, R)
-    db = scale * ((x @ a).T @ dy)                       # (R, d_out)
+    da = scale * _transposed(_transposed(dy_b) @ x)    # (d_in, R) = s · xᵀ (dy Bᵀ), as ((dy Bᵀ)ᵀ x)ᵀ
+    db = scale * (_transposed(x @ a) @ dy)              # (R, d_out) = s · (x A)ᵀ dy
     dx = product(dy, merged.T) if needed.dx else None  # (N, d_in), only if something below trains
     dw = x.T @ dy if needed.dw else None                # only if W itself trains (never in LoRA)
     return dx, dw, da, db
+
+
+def _transposed(y: jax.Array) -> jax.Array:
+    """yᵀ, written out as an array of its own. A speed trick for dA and dB above; same numbers.
+
+    Both contract the long axis N of x or dy with a thin (N, R) factor. Spelled xᵀ (dy Bᵀ), the
+    product's left operand is a transposed view, and XLA's CPU backend gives such a product to Eigen,
+    which runs these shapes at 10-50 GFLOP/s; YNNPACK, its fast kernel, takes only products whose
+    operands are row-major with the contraction on the left operand's last axis. Writing the thin
+    factor out transposed (R x N: 64 KiB) makes each product plain. The optimization barriers keep
+    XLA from folding the transpose back into the product. Measured on 2 CPU cores, N 2048, R 8: the
+    MLP projection's dA 5.0 -> 0.37 ms; the `small` LoRA r8 all-linear step ~5% faster.
+    """
+    barrier = jax.lax.optimization_barrier
+    return barrier(barrier(y).T)
 
 
 adapted_matmul.defvjp(_adapted_matmul_fwd, _adapted_matmul_bwd, symbolic_zeros=True)
