@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import lora
-from minilm import cost, train
+from minilm import bench, cost, train
 from minilm.cli import main
 from minilm.config import ModelConfig, TrainConfig
 from minilm.errors import MinilmError
@@ -78,8 +78,6 @@ def test_bench_one_mode_puts_its_speed_at_the_top_of_the_json(tmp_path, capsys):
 def test_phases_time_the_same_loss_the_step_computes(lora_cfg, dtype):
     """The forward `phases` times is the step's own loss: its first micro-batch, with the step's first
     micro-batch key (adapter dropout) and number format."""
-    from minilm import bench
-
     model_cfg = ModelConfig(vocab_size=65, context=16, width=32, layers=1, heads=2)
     train_cfg = TrainConfig(batch_size=4, grad_accum=2, warmup=0.0, dtype=dtype)
     case = bench.train_step_case(model_cfg, train_cfg, lora_cfg)
@@ -184,3 +182,12 @@ def test_mixed_precision_casts_block_matrices_only():
 def test_bad_dtype_is_refused():
     with pytest.raises(MinilmError, match="dtype = 'float16'"):
         TrainConfig(dtype="float16")
+
+
+def test_the_rest_of_a_step_below_zero_is_shown_as_noise():
+    # forward and backward are timed apart from the step, so step - (forward + backward) is a difference
+    # of medians that noise can push below zero; the table must not print a negative time
+    assert bench._rest(-3.24) == "~0"
+    assert bench._rest(0.0) == "0.0" and bench._rest(1234.56) == "1,234.6" and bench._rest(7.6, ",.0f") == "8"
+    row = bench._row("  ms the rest", [bench._rest(-1.0), bench._rest(12.34)], "")
+    assert row.split()[-2:] == ["~0", "12.3"]
