@@ -18,9 +18,9 @@ from tqdm import tqdm
 
 import lora
 from minilm import train
+from minilm.allocator import restart_with_tunables  # noqa: F401 (the scripts call it first)
 from minilm.config import DataConfig, ModelConfig, TrainConfig, preset
 from minilm.data import Dataset, load_dataset
-from minilm.allocator import restart_with_tunables  # noqa: F401 (the scripts call it first)
 from minilm.model import init
 from minilm.tree import combine, partition, size
 

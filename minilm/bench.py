@@ -362,6 +362,6 @@ def explain(r: dict) -> str:
                                                                 ("forward", "backward", "optimizer"))
         text += (f"\nBy parts, full vs LoRA: forward {f_full:,.0f} vs {f_lora:,.0f} ms (the same products, plus "
                  f"merging the adapters), backward {b_full:,.0f} vs {b_lora:,.0f} ms (no weight gradients), the "
-                 f"rest {_rest(o_full, ',.0f')} vs {_rest(o_lora, ',.0f')} ms (the optimizer update, and what compiling the parts "
-                 f"apart changes).")
+                 f"rest {_rest(o_full, ',.0f')} vs {_rest(o_lora, ',.0f')} ms (the optimizer update, and what "
+                 f"compiling the parts apart changes).")
     return text

@@ -337,17 +337,17 @@ def test_adapted_matmul_gradients_against_the_plain_formula_and_finite_differenc
         cot = jnp.asarray(rng.normal(size=(N, F)))  # a random output gradient: every entry matters
         scale = 1.7
 
-        def ours(*args):
+        def filled(args):  # x, w, a, b with the differentiated ones replaced by `args`
             full = [x, w, a, b]
             for i, arg in zip(wrt, args):
                 full[i] = arg
-            return jnp.sum(adapted_matmul(*full, scale) * cot)
+            return full
+
+        def ours(*args):
+            return jnp.sum(adapted_matmul(*filled(args), scale) * cot)
 
         def plain(*args):
-            full = [x, w, a, b]
-            for i, arg in zip(wrt, args):
-                full[i] = arg
-            x_, w_, a_, b_ = full
+            x_, w_, a_, b_ = filled(args)
             return jnp.sum((x_ @ w_ + scale * (x_ @ a_) @ b_) * cot)
 
         args = tuple([x, w, a, b][i] for i in wrt)
