@@ -261,3 +261,31 @@ def test_bad_inputs_raise_clear_errors():
         W.intruder_dimensions(np.eye(3), np.eye(3), side="left")
     with pytest.raises(MinilmError, match="energy"):
         W.energy_rank([1.0], 0)
+
+
+# --- the SVD cache: explicit, and what it hands out cannot be changed --------------------------------
+
+def test_a_mutated_result_cannot_corrupt_a_later_answer():
+    w = rand((7, 11), 28)
+    expected = eig_singular_values(w)
+    s = W.singular_values(w)
+    with pytest.raises(ValueError, match="read-only"):
+        s[0] = 0.0  # a caller that scribbles on a result must not change what the next caller is told
+    np.testing.assert_allclose(W.singular_values(w), expected, rtol=1e-10)
+    np.testing.assert_allclose(W.singular_values(w.copy()), expected, rtol=1e-10)
+
+
+def test_svd_cache_decomposes_each_matrix_once_and_hands_out_read_only_arrays():
+    w0, w = rand((13, 5), 29), rand((13, 5), 30)
+    svds = W.SvdCache()
+    u, s, vt = svds(w0)
+    assert all(not x.flags.writeable for x in (u, s, vt))
+    np.testing.assert_allclose(u @ np.diag(s) @ vt, w0, atol=1e-12)
+    assert svds(w0.copy())[1] is s  # keyed by content: an equal matrix is the same entry
+    assert svds(w0.T)[1] is not s and svds(w)[1] is not s  # a transposed or other matrix is not
+    assert len(svds) == 3
+    report = W.weight_report(w0, w, k=3, svds=svds)  # W0, W and ΔW: W0 and W already there, ΔW new
+    assert len(svds) == 4
+    assert report == W.weight_report(w0, w, k=3)  # a fresh cache per call gives the same numbers
+    assert W.intruder_dimensions(w0, w, k=3, svds=svds)["count"] == report["intruder_count"]
+    assert len(svds) == 4

@@ -2,8 +2,9 @@
 
 Every matrix is in the model's `x @ W` layout, shape (d_in, d_out): an output unit is a column. In
 W = U diag(σ) Vᵀ the left singular vectors (columns of U) live in the input space d_in and the right
-ones (rows of Vᵀ) in the output space d_out. N = min(d_in, d_out) is the number of singular values.
-ΔW = W − W0 is the change from the base W0 to the tuned W (full fine-tuning, or LoRA merged).
+ones (rows of Vᵀ) in the output space d_out. Q = min(d_in, d_out) is the number of singular values
+(the axis letters are declared once, in minilm/__init__.py). ΔW = W − W0 is the change from the base
+W0 to the tuned W (full fine-tuning, or LoRA merged).
 
 Sources:
     Eckart & Young 1936: the best rank-k approximation keeps the top k singular values.
@@ -16,34 +17,20 @@ Sources:
 
 Pure NumPy in float64: these are measurements, not training, and the smallest singular values of a
 float32 matrix would otherwise drown in rounding. Any array-like (including a jax.Array) is accepted.
+
+A report asks for the SVD of the same W0, W and ΔW several times; an `SvdCache` passed to the
+functions that decompose (`svds=`) computes each once. Without one, each call decomposes afresh.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 
 import numpy as np
 
 from minilm.errors import MinilmError
 
 DEFAULT_EPSILONS = tuple(round(0.1 * i, 1) for i in range(1, 10))  # 0.1, 0.2, ..., 0.9
-_SVD_CACHE: OrderedDict = OrderedDict()
-
-
-def svd(w: np.ndarray):
-    """Thin SVD w = u diag(s) vt, remembered for the last few matrices seen.
-
-    A report asks for the decomposition of the same W0, W and ΔW many times (spectra, intruders,
-    amplification, one tuned model after another); each is computed once. Keyed by content.
-    """
-    key = (w.shape, hashlib.blake2b(np.ascontiguousarray(w).view(np.uint8)).digest())
-    if key not in _SVD_CACHE:
-        _SVD_CACHE[key] = np.linalg.svd(w, full_matrices=False)
-        while len(_SVD_CACHE) > 8:
-            _SVD_CACHE.popitem(last=False)
-    _SVD_CACHE.move_to_end(key)
-    return _SVD_CACHE[key]
 
 
 def _matrix(w, name: str = "w") -> np.ndarray:
@@ -71,13 +58,45 @@ def _spectrum(s) -> np.ndarray:
     return np.sort(s)[::-1]
 
 
-def singular_values(w) -> np.ndarray:
-    """σ1 >= σ2 >= ... >= σN >= 0 of W (d_in, d_out) -> (N,)."""
-    return svd(_matrix(w))[1]
+class SvdCache:
+    """Thin SVDs w = u diag(s) vt of the matrices of one comparison, each computed once.
+
+    Keyed by shape and content, so an equal matrix is the same entry and a different one never is.
+    It hands out read-only arrays: a caller that writes into a result gets an error instead of
+    corrupting every later answer. It keeps all it computed, so make one per comparison (weight_report
+    makes one for its W0, W and ΔW) and let it go with the comparison.
+    """
+
+    def __init__(self):
+        self._svds: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self._svds)
+
+    def __call__(self, w) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """w (d_in, d_out) -> u (d_in, Q), s (Q,) descending, vt (Q, d_out); float64, read-only."""
+        w = _matrix(w)
+        key = (w.shape, hashlib.blake2b(np.ascontiguousarray(w).view(np.uint8)).digest())
+        if key not in self._svds:
+            factors = tuple(np.linalg.svd(w, full_matrices=False))
+            for factor in factors:
+                factor.flags.writeable = False
+            self._svds[key] = factors
+        return self._svds[key]
+
+
+def _svd(w, svds: SvdCache | None):
+    """u, s, vt of w from `svds`, or from a cache of this call alone."""
+    return (SvdCache() if svds is None else svds)(w)
+
+
+def singular_values(w, *, svds: SvdCache | None = None) -> np.ndarray:
+    """σ1 >= σ2 >= ... >= σQ >= 0 of W (d_in, d_out) -> (Q,), read-only."""
+    return _svd(w, svds)[1]
 
 
 def stable_rank(s) -> float:
-    """Σσ² / σ1² = ||W||_F² / ||W||_2² (Rudelson & Vershynin 2007); in [1, N], 0 for a zero matrix."""
+    """Σσ² / σ1² = ||W||_F² / ||W||_2² (Rudelson & Vershynin 2007); in [1, Q], 0 for a zero matrix."""
     s = _spectrum(s)
     return float(np.sum(s**2) / s[0] ** 2) if s.size and s[0] > 0 else 0.0
 
@@ -102,17 +121,17 @@ def energy_rank(s, energy: float = 0.9) -> int:
     cumulative = np.cumsum(_spectrum(s) ** 2)
     if cumulative.size == 0 or cumulative[-1] == 0:
         return 0
-    # The last cumulative sum is the total itself, so energy = 1 finds k <= N despite rounding.
+    # The last cumulative sum is the total itself, so energy = 1 finds k <= Q despite rounding.
     return int(np.searchsorted(cumulative, energy * cumulative[-1], side="left")) + 1
 
 
-def lowrank_capture(delta) -> np.ndarray:
-    """(N,): entry k−1 = 1 − ||Δ − Δ_k||_F² / ||Δ||_F² = Σ_{i<=k} σi² / Σσ² (Eckart–Young 1936).
+def lowrank_capture(delta, *, svds: SvdCache | None = None) -> np.ndarray:
+    """(Q,): entry k−1 = 1 − ||Δ − Δ_k||_F² / ||Δ||_F² = Σ_{i<=k} σi² / Σσ² (Eckart–Young 1936).
 
     Δ_k is the best rank-k approximation, so this is what a rank-k update (LoRA of rank k) could at best
     reproduce of Δ. Nondecreasing, ends at 1. A zero Δ is captured exactly at every rank: all ones.
     """
-    cumulative = np.cumsum(singular_values(delta) ** 2)
+    cumulative = np.cumsum(singular_values(delta, svds=svds) ** 2)
     if cumulative.size == 0 or cumulative[-1] == 0:
         return np.ones_like(cumulative)
     return cumulative / cumulative[-1]
@@ -132,9 +151,9 @@ def change_stats(w0, w) -> dict:
     return {"fro": fro, "relative": relative, "max_abs": float(np.max(np.abs(delta), initial=0.0))}
 
 
-def _singular_vectors(w: np.ndarray, side: str) -> np.ndarray:
-    """Unit singular vectors as rows, in descending σ order: (N, d_out) for "output", (N, d_in) for "input"."""
-    u, _, vt = svd(w)  # u (d_in, N), vt (N, d_out)
+def _singular_vectors(w: np.ndarray, side: str, svds: SvdCache | None) -> np.ndarray:
+    """Unit singular vectors as rows, in descending σ order: (Q, d_out) for "output", (Q, d_in) for "input"."""
+    u, _, vt = _svd(w, svds)  # u (d_in, Q), vt (Q, d_out)
     if side == "output":
         return vt
     if side == "input":
@@ -142,38 +161,40 @@ def _singular_vectors(w: np.ndarray, side: str) -> np.ndarray:
     raise MinilmError(f"side must be 'output' (rows of Vᵀ, d_out space) or 'input' (columns of U), got {side!r}.")
 
 
-def _max_cosines(w0, w, k: int, side: str) -> np.ndarray:
-    """(min(k, N),): each top-k singular vector of W, its largest |cos| with any singular vector of W0."""
+def _max_cosines(w0, w, k: int, side: str, svds: SvdCache | None) -> np.ndarray:
+    """(min(k, Q),): each top-k singular vector of W, its largest |cos| with any singular vector of W0."""
     w0, w = _pair(w0, w)
     if k < 1:
         raise MinilmError(f"k must be a positive number of singular vectors, got {k}.")
-    top = _singular_vectors(w, side)[:k]      # (k, d) unit rows
-    base = _singular_vectors(w0, side)        # (N, d) unit rows
-    return np.max(np.abs(top @ base.T), axis=1)  # (k, N) cosines -> (k,)
+    top = _singular_vectors(w, side, svds)[:k]  # (k, d) unit rows
+    base = _singular_vectors(w0, side, svds)    # (Q, d) unit rows
+    return np.max(np.abs(top @ base.T), axis=1)  # (k, Q) cosines -> (k,)
 
 
-def intruder_dimensions(w0, w, *, k: int = 10, epsilon: float = 0.5, side: str = "output") -> dict:
+def intruder_dimensions(w0, w, *, k: int = 10, epsilon: float = 0.5, side: str = "output",
+                        svds: SvdCache | None = None) -> dict:
     """Top-k singular vectors of W with max_j |cos(v_i(W), v_j(W0))| < ε (Shuttleworth et al. 2024, §3).
 
     An intruder is a high-ranking direction of the tuned matrix that resembles no direction of the base.
     side="output" compares rows of Vᵀ (d_out space): the paper's code takes the output-space (left)
     singular vectors of PyTorch's (out, in) matrix, which are our right ones. side="input": columns of U.
-    All N singular vectors of W0 take part, as in the paper; k is capped at N.
+    All Q singular vectors of W0 take part, as in the paper; k is capped at Q.
     Returns {"count": int, "max_cosine": (k,) array, "indices": ranks (0-based) of the intruders}.
     """
-    max_cosine = _max_cosines(w0, w, k, side)
+    max_cosine = _max_cosines(w0, w, k, side, svds)
     indices = [int(i) for i in np.flatnonzero(max_cosine < epsilon)]
     return {"count": len(indices), "max_cosine": max_cosine, "indices": indices}
 
 
-def intruder_sweep(w0, w, *, k: int = 10, epsilons=DEFAULT_EPSILONS, side: str = "output") -> dict[float, int]:
+def intruder_sweep(w0, w, *, k: int = 10, epsilons=DEFAULT_EPSILONS, side: str = "output",
+                   svds: SvdCache | None = None) -> dict[float, int]:
     """{ε: number of intruders among the top k} for each ε: the paper reports counts over a range of ε."""
-    max_cosine = _max_cosines(w0, w, k, side)
+    max_cosine = _max_cosines(w0, w, k, side, svds)
     return {float(e): int(np.sum(max_cosine < e)) for e in epsilons}
 
 
 def spectral_gaps(s, k: int) -> np.ndarray:
-    """σi / σ(i+1) for i = 1..min(k, N−1).
+    """σi / σ(i+1) for i = 1..min(k, Q−1).
 
     A singular vector is only stable when its σ stands apart from its neighbours (Wedin 1972: it can
     turn by ~ perturbation / gap). Ratios near 1 make intruder counts there noise. x/0 = inf, 0/0 = 1.
@@ -191,7 +212,7 @@ def _orthonormal(rng: np.random.Generator, d: int, r: int) -> np.ndarray:
     return q * np.sign(np.diag(r_))
 
 
-def amplification(w0, delta, rank: int, *, seed: int = 0) -> dict:
+def amplification(w0, delta, rank: int, *, seed: int = 0, svds: SvdCache | None = None) -> dict:
     """How much ΔW amplifies directions W0 already had (Hu et al. 2021, §7.3, Table 7).
 
     U (d_in, r), V (d_out, r) = top-r left/right singular vectors of ΔW; ||Uᵀ W0 V||_F (r, r) measures
@@ -207,8 +228,8 @@ def amplification(w0, delta, rank: int, *, seed: int = 0) -> dict:
     def onto(u, v):  # u (d_in, r), v (d_out, r) -> ||Uᵀ W0 V||_F of the (r, r) matrix
         return float(np.linalg.norm(u.T @ w0 @ v))
 
-    u, _, vt = svd(delta)
-    u0, _, vt0 = svd(w0)
+    u, _, vt = _svd(delta, svds)
+    u0, _, vt0 = _svd(w0, svds)
     rng = np.random.default_rng(seed)
     delta_fro = float(np.linalg.norm(delta))
     onto_delta = onto(u[:, :rank], vt[:rank].T)
@@ -271,16 +292,19 @@ def magnitude_direction(w0, w) -> tuple[float, float]:
     return float(np.mean(np.abs(m - m0))), float(np.mean(1.0 - cos))
 
 
-def weight_report(w0, w, *, k: int = 10, epsilon: float = 0.5, rank: int | None = None) -> dict:
+def weight_report(w0, w, *, k: int = 10, epsilon: float = 0.5, rank: int | None = None,
+                  svds: SvdCache | None = None) -> dict:
     """All of the above for one (W0, W) pair, as plain floats, ints and lists (JSON-ready).
 
-    rank (for amplification) defaults to the 90%-energy rank of ΔW, at least 1.
+    rank (for amplification) defaults to the 90%-energy rank of ΔW, at least 1. W0, W and ΔW are each
+    decomposed once, in `svds` or in a cache of this report alone.
     """
     w0, w = _pair(w0, w)
     delta = w - w0
-    s0, s, s_delta = singular_values(w0), singular_values(w), singular_values(delta)
+    svds = SvdCache() if svds is None else svds
+    s0, s, s_delta = (singular_values(x, svds=svds) for x in (w0, w, delta))
     rank = max(1, energy_rank(s_delta)) if rank is None else rank
-    intruders = intruder_dimensions(w0, w, k=k, epsilon=epsilon)
+    intruders = intruder_dimensions(w0, w, k=k, epsilon=epsilon, svds=svds)
     delta_m, delta_d = magnitude_direction(w0, w)
     report = {"shape": list(w0.shape), **change_stats(w0, w)}
     for name, spectrum in (("w0", s0), ("w", s), ("delta", s_delta)):
@@ -289,15 +313,15 @@ def weight_report(w0, w, *, k: int = 10, epsilon: float = 0.5, rank: int | None 
         report[f"effective_rank_{name}"] = effective_rank(spectrum)
     report.update({
         "energy_rank_delta": energy_rank(s_delta),
-        "lowrank_capture_delta": lowrank_capture(delta).tolist(),
+        "lowrank_capture_delta": lowrank_capture(delta, svds=svds).tolist(),
         "intruder_count": intruders["count"],
         "intruder_max_cosine": intruders["max_cosine"].tolist(),
         "intruder_indices": intruders["indices"],
-        "intruder_sweep": {str(e): n for e, n in intruder_sweep(w0, w, k=k).items()},
+        "intruder_sweep": {str(e): n for e, n in intruder_sweep(w0, w, k=k, svds=svds).items()},
         "spectral_gaps_w0": spectral_gaps(s0, k).tolist(),
         "spectral_gaps_w": spectral_gaps(s, k).tolist(),
         "amplification_rank": rank,
-        **{f"amplification_{key}": value for key, value in amplification(w0, delta, rank).items()},
+        **{f"amplification_{key}": value for key, value in amplification(w0, delta, rank, svds=svds).items()},
         "delta_magnitude": delta_m,
         "delta_direction": delta_d,
     })
