@@ -19,10 +19,14 @@ separate adapters have 6RD.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
+from collections import abc
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Mapping
 
+from minilm.config import option
 from minilm.errors import MinilmError
 
 INITS = ("standard", "gaussian", "pissa")
@@ -33,20 +37,26 @@ ALL_LINEAR = "all-linear"
 
 @dataclass(frozen=True, kw_only=True)
 class LoraConfig:
-    rank: int = 8                              # R
-    alpha: float = 16.0                        # scale s = alpha / R
-    use_rslora: bool = False                   # scale s = alpha / sqrt(R) instead (Kalajdzievski 2023)
-    dropout: float = 0.0                       # dropout on the adapter's input, during training only
-    targets: tuple[str, ...] = ("attn.q", "attn.v")   # the LoRA paper adapts Wq and Wv (Hu et al. §7.1)
-    rank_pattern: Mapping[str, int] = field(default_factory=dict)     # target pattern -> its own rank
-    alpha_pattern: Mapping[str, float] = field(default_factory=dict)  # target pattern -> its own alpha
-    layers: tuple[int, ...] | None = None      # adapt only these blocks (None: all)
-    init: str = "standard"                     # standard | gaussian | pissa
-    use_dora: bool = False                     # DoRA: a trainable magnitude per output unit
-    fuse_qkv: bool = False                     # q, k, v of a block share one A (LoRA on GPT-2's fused c_attn)
-    bias: str = "none"                         # none | all | lora_only: which biases also train
-    modules_to_save: tuple[str, ...] = ()      # other parameters trained in full, e.g. ln_f, blocks.*.ln1
-    name: str = "default"                      # the adapter's name, when several share a base
+    """One adapter's options. Each field's `help` is also the `--lora` key's help (minilm/cli/finetune.py)."""
+
+    rank: int = option(8, "rank R of every adapter: A is (d_in, R), B is (R, d_out)")
+    alpha: float = option(16.0, "scale s = alpha / R")
+    use_rslora: bool = option(False, "scale s = alpha / sqrt(R) instead (Kalajdzievski 2023)")
+    dropout: float = option(0.0, "dropout on the adapter's input, during training only")
+    targets: tuple[str, ...] = option(
+        ("attn.q", "attn.v"), "the matrices to adapt: attn.q|k|v|o, mlp.fc|proj, attn.*, mlp.*, all-linear, embed, "
+        "blocks.N.*; by default Wq and Wv, as the LoRA paper does (Hu et al. §7.1)")
+    rank_pattern: Mapping[str, int] = field(
+        default_factory=dict, metadata={"help": "pattern:rank entries, a target pattern's own rank, e.g. mlp.*:4"})
+    alpha_pattern: Mapping[str, float] = field(
+        default_factory=dict, metadata={"help": "pattern:alpha entries, a target pattern's own alpha"})
+    layers: tuple[int, ...] | None = option(None, "adapt only these blocks, e.g. layers=0,1 (default: all)")
+    init: str = option("standard", f"how A and B start: {' | '.join(INITS)}")
+    use_dora: bool = option(False, "DoRA: a trainable magnitude per output unit (Liu et al. 2024)")
+    fuse_qkv: bool = option(False, "q, k, v of a block share one A (LoRA on GPT-2's fused c_attn)")
+    bias: str = option("none", f"which biases also train: {' | '.join(BIAS)}")
+    modules_to_save: tuple[str, ...] = option((), "other parameters trained in full, e.g. ln_f, blocks.*.ln1")
+    name: str = option("default", "the adapter's name, when several share a base")
 
     def __post_init__(self):
         def fail(message):
@@ -112,34 +122,41 @@ def matches(pattern: str, full_name: str) -> bool:
 
 
 def parse_spec(spec: str) -> LoraConfig:
-    """'rank=8,alpha=16,targets=attn.q,attn.v' -> LoraConfig. A bare item continues the previous list."""
-    fields = {f.name: f for f in dataclasses.fields(LoraConfig)}
-    lists = {"targets", "modules_to_save", "layers"}
-    values: dict = {}
+    """'rank=8,alpha=16,targets=attn.q,attn.v' -> LoraConfig, each value read as its field's type says.
+
+    A bare item continues the previous tuple (`targets=attn.q,attn.v`) or mapping of pattern:value
+    entries (`rank_pattern=attn.q:4,mlp.*:2`)."""
+    hints = typing.get_type_hints(LoraConfig)
+    kinds = {f.name: _without_none(hints[f.name]) for f in dataclasses.fields(LoraConfig)}
+    texts: dict = {}  # key -> its text: a str, a list of str (a tuple) or {pattern: str} (a mapping)
     key = None
     for item in filter(None, (part.strip() for part in spec.split(","))):
         if "=" in item:
-            key, value = (s.strip() for s in item.split("=", 1))
-            if key not in fields:
-                raise MinilmError(f"--lora: unknown option {key!r}; expected some of {', '.join(fields)}")
-            if key in lists:
-                values[key] = [value] if value else []
-            elif key in ("rank_pattern", "alpha_pattern"):
-                values[key] = {}
-                _add_pattern(values[key], value, key)
+            key, text = (s.strip() for s in item.split("=", 1))
+            if key not in kinds:
+                raise MinilmError(f"--lora: unknown option {key!r}; expected some of {', '.join(kinds)}")
+            container = typing.get_origin(kinds[key])
+            if container is tuple:
+                texts[key] = [text] if text else []
+            elif container is abc.Mapping:
+                texts[key] = {}
+                _add_pattern(texts[key], text, key)
             else:
-                values[key] = value
-        elif key in lists:
-            values[key].append(item)
-        elif key in ("rank_pattern", "alpha_pattern"):
-            _add_pattern(values[key], item, key)
+                texts[key] = text
+        elif key is not None and typing.get_origin(kinds[key]) is tuple:
+            texts[key].append(item)
+        elif key is not None and typing.get_origin(kinds[key]) is abc.Mapping:
+            _add_pattern(texts[key], item, key)
         else:
             raise MinilmError(f"--lora: {item!r} is not key=value; e.g. --lora rank=8,alpha=16,targets=attn.q,attn.v")
-    try:
-        converted = {k: _convert(k, v) for k, v in values.items()}
-    except ValueError as e:
-        raise MinilmError(f"--lora: {e}") from None
-    return LoraConfig(**converted)
+    return LoraConfig(**{key: _convert(kinds[key], text, key) for key, text in texts.items()})
+
+
+def _without_none(hint):
+    """`X | None` -> X: the type a value given on the command line must have."""
+    if isinstance(hint, types.UnionType):
+        return next(t for t in typing.get_args(hint) if t is not type(None))
+    return hint
 
 
 def _add_pattern(table: dict, item: str, key: str) -> None:
@@ -149,21 +166,20 @@ def _add_pattern(table: dict, item: str, key: str) -> None:
     table[pattern] = value
 
 
-def _convert(key: str, value):
-    if key in ("rank",):
-        return int(value)
-    if key in ("alpha", "dropout"):
-        return float(value)
-    if key in ("use_rslora", "use_dora", "fuse_qkv"):
-        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"{key}={value!r}; expected true or false")
-        return value.lower() in ("true", "1", "yes")
-    if key == "layers":
-        return tuple(int(v) for v in value)
-    if key in ("targets", "modules_to_save"):
-        return tuple(value)
-    if key == "rank_pattern":
-        return {k: int(v) for k, v in value.items()}
-    if key == "alpha_pattern":
-        return {k: float(v) for k, v in value.items()}
-    return value
+BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+EXPECTED = {bool: "true or false", int: "an integer", float: "a number"}
+
+
+def _convert(kind, text, where: str):
+    """Text from a spec as a value of `kind`: bool, int, float or str, a tuple[X, ...] or a Mapping[str, X]."""
+    if typing.get_origin(kind) is tuple:
+        return tuple(_convert(typing.get_args(kind)[0], item, where) for item in text)
+    if typing.get_origin(kind) is abc.Mapping:
+        return {pattern: _convert(typing.get_args(kind)[1], value, f"{where}[{pattern}]")
+                for pattern, value in text.items()}
+    try:
+        if kind is bool:
+            return BOOLEANS[text.lower()]
+        return kind(text)
+    except (KeyError, ValueError):
+        raise MinilmError(f"--lora: {where}={text!r}; expected {EXPECTED[kind]}") from None
