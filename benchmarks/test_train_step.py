@@ -59,12 +59,14 @@ FULL = {}  # (preset, dtype) -> {"ms": median ms of the full step, "flops": its 
 
 
 def _case(preset: str, rank: int | None, targets: str | None, dtype: str = "float32"):
-    """minilm.bench's step for this case: compiled (timed), warm, with its real parameters and state."""
+    """minilm.bench's step for this case (lora.train_step_case's for LoRA): compiled (timed), warm, with its
+    real parameters and state."""
     model_cfg, train_cfg = minilm.config.preset(preset)
     model_cfg = dataclasses.replace(model_cfg, vocab_size=VOCAB_SIZE)
     train_cfg = dataclasses.replace(train_cfg, dtype=dtype)
-    lora_cfg = None if rank is None else lora.LoraConfig(rank=rank, alpha=2 * rank, **TARGETS[targets])
-    return minilm.bench.train_step_case(model_cfg, train_cfg, lora_cfg)
+    if rank is None:
+        return minilm.bench.train_step_case(model_cfg, train_cfg)
+    return lora.train_step_case(model_cfg, train_cfg, lora.LoraConfig(rank=rank, alpha=2 * rank, **TARGETS[targets]))
 
 
 @pytest.mark.parametrize("preset, rank, targets", CASES)

@@ -126,7 +126,7 @@ def finetune(name: str, base: dict, dataset: Dataset, model_cfg: ModelConfig, tr
     n = size(trainable)
     trainable, log = fit(trainable, frozen, dataset, model_cfg, train_cfg, f"fine-tune {name}", lora.loss_fn,
                          stop_below)
-    adapted = lora.tie(combine(trainable, frozen))  # tie: a shared A (fuse_qkv) back in every matrix
+    adapted = lora.fill_shared_a(combine(trainable, frozen))  # a shared A (fuse_qkv) back in every matrix
     return Tuned(name, lora.merge(adapted), adapted, log, n, train_cfg.lr)
 
 

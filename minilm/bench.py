@@ -1,12 +1,14 @@
 """Measuring what a train step costs: time, FLOPs, memory; full fine-tuning vs LoRA side by side.
 
-    case = train_step_case(model_cfg, train_cfg, lora_cfg)   # lora_cfg None: full fine-tuning
-    case.run(steps)                                        # that many real optimizer steps, timed
+    case = train_step_case(model_cfg, train_cfg)   # full fine-tuning; lora.train_step_case for LoRA
+    case.run(steps)                                # that many real optimizer steps, timed
 
 A case owns real parameters and optimizer state and feeds each step's output into the next, as
 training does, on one fixed batch of random tokens (what a step costs does not depend on which tokens).
-`minilm bench` (cli.py) and the pytest-benchmark suites in benchmarks/ are built on it; the analytic
-model in cost.py predicts the same figures from the shapes alone.
+`compile_case` builds a case from any (trainable, frozen, loss), so this file needs no LoRA:
+lora/cost.py builds the LoRA case on it. `minilm bench` (minilm/cli/bench.py) and the pytest-benchmark
+suites in benchmarks/ are built on it; the analytic model in cost.py predicts the same figures from
+the shapes alone.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 import jax
 import jax.numpy as jnp
 
-from minilm import cost as cost_model
+from minilm.cost import StepCost, step_cost
 from minilm.config import ModelConfig, TrainConfig
 from minilm.contention import peak_rss_bytes
 from minilm.model import init
@@ -30,7 +32,7 @@ def nbytes(tree) -> int:
     return sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(tree))
 
 
-def block(tree):
+def wait_until_ready(tree):
     return jax.block_until_ready(tree)
 
 
@@ -40,16 +42,17 @@ class TrainStepCase:
 
     model_cfg: ModelConfig
     train_cfg: TrainConfig
-    lora_cfg: object | None  # lora.LoraConfig, or None for full fine-tuning
     step: object             # the jitted step (minilm.train.make_step)
     state: list              # [trainable, frozen, opt_state, windows, key]
     compile_seconds: float
+    predicted: StepCost      # what the step must cost (cost.py)
+    adapter: dict | None = None                 # how the adapter describes itself (None: full fine-tuning)
     xla: dict = field(default_factory=dict)     # XLA's cost and memory analysis of the compiled step
     loss: object = loss_fn                      # the step's loss(trainable, frozen, windows, cfg, key)
 
     @property
     def mode(self) -> str:
-        return "full" if self.lora_cfg is None else "lora"
+        return "full" if self.adapter is None else "lora"
 
     @property
     def tokens_per_step(self) -> int:
@@ -62,7 +65,7 @@ class TrainStepCase:
         for _ in range(steps):
             start = time.perf_counter()
             trainable, opt_state, metrics = self.step(trainable, frozen, opt_state, windows, key)
-            block((trainable, opt_state, metrics))
+            wait_until_ready((trainable, opt_state, metrics))
             times.append(time.perf_counter() - start)
         self.state = [trainable, frozen, opt_state, windows, key]
         return times
@@ -86,13 +89,13 @@ class TrainStepCase:
 
         def forward_pass():
             start = time.perf_counter()
-            losses = block([forward(trainable, frozen, w, k) for w, k in micro_batches])
+            losses = wait_until_ready([forward(trainable, frozen, w, k) for w, k in micro_batches])
             return time.perf_counter() - start, losses[0]
 
         def backward_pass():
             nonlocal grads
             start = time.perf_counter()
-            out = block([gradients(trainable, frozen, w, k, g) for (w, k), g in zip(micro_batches, grads)])
+            out = wait_until_ready([gradients(trainable, frozen, w, k, g) for (w, k), g in zip(micro_batches, grads)])
             grads = [g for _, g in out]
             return time.perf_counter() - start
 
@@ -143,18 +146,9 @@ def _xla_analysis(compiled) -> dict:
     return out
 
 
-def train_step_case(model_cfg: ModelConfig, train_cfg: TrainConfig, lora_cfg=None, *, seed: int = 0) -> TrainStepCase:
-    """Build, compile (timed) and warm one train step: full fine-tuning, or LoRA with `lora_cfg`."""
-    import lora  # lora builds on minilm; imported here so minilm alone never needs it
-
-    params = init(model_cfg, key=jax.random.key(seed))
-    if lora_cfg is None:
-        trainable, frozen = partition(params, lambda name: True)
-        loss = loss_fn
-    else:
-        adapted = lora.attach(params, lora_cfg, key=jax.random.key(seed + 1))
-        trainable, frozen = lora.split(adapted, lora_cfg)
-        loss = lora.loss_fn
+def compile_case(model_cfg: ModelConfig, train_cfg: TrainConfig, trainable, frozen, loss, predicted: StepCost, *,
+                 adapter: dict | None = None, seed: int = 0) -> TrainStepCase:
+    """Compile (timed) and warm one train step of `loss` over (trainable, frozen), on random tokens."""
     step = make_step(model_cfg, train_cfg, loss, donate=True)  # in place, as train.run steps
     opt_state = optimizer(train_cfg).init(trainable)
     shape = (train_cfg.grad_accum, train_cfg.batch_size, model_cfg.context + 1)
@@ -163,9 +157,17 @@ def train_step_case(model_cfg: ModelConfig, train_cfg: TrainConfig, lora_cfg=Non
     start = time.perf_counter()
     compiled = step.lower(*state).compile()
     compile_seconds = time.perf_counter() - start
-    case = TrainStepCase(model_cfg, train_cfg, lora_cfg, step, state, compile_seconds, _xla_analysis(compiled), loss)
+    case = TrainStepCase(model_cfg, train_cfg, step, state, compile_seconds, predicted, adapter,
+                         _xla_analysis(compiled), loss)
     case.run(1)  # jit's own cache now holds the compiled step: the first timed step is a warm one
     return case
+
+
+def train_step_case(model_cfg: ModelConfig, train_cfg: TrainConfig, *, seed: int = 0) -> TrainStepCase:
+    """Build, compile (timed) and warm one train step of full fine-tuning (lora.train_step_case: LoRA's)."""
+    trainable, frozen = partition(init(model_cfg, key=jax.random.key(seed)), lambda name: True)
+    predicted = step_cost(model_cfg, train_cfg.batch_size, None, train_cfg.grad_accum)
+    return compile_case(model_cfg, train_cfg, trainable, frozen, loss_fn, predicted, seed=seed)
 
 
 def matmul_peak(n: int = 1024, repeats: int = 10) -> float:
@@ -173,11 +175,11 @@ def matmul_peak(n: int = 1024, repeats: int = 10) -> float:
     a = jax.random.normal(jax.random.key(0), (n, n))
     b = jax.random.normal(jax.random.key(1), (n, n))
     matmul = jax.jit(jnp.matmul)
-    block(matmul(a, b))
+    wait_until_ready(matmul(a, b))
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        block(matmul(a, b))
+        wait_until_ready(matmul(a, b))
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
 
@@ -187,26 +189,23 @@ def memory_bandwidth(megabytes: int = 64, repeats: int = 10) -> float:
     second slope, for the work that is not a matrix product."""
     x = jnp.ones(megabytes * 2**20 // 4)
     op = jax.jit(lambda x: x * 1.5 + 1.0)
-    block(op(x))
+    wait_until_ready(op(x))
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        block(op(x))
+        wait_until_ready(op(x))
         best = min(best, time.perf_counter() - start)
     return 2 * x.nbytes / best
 
 
 def describe(case: TrainStepCase, times: list[float], peak: float, bandwidth: float) -> dict:
     """Every figure of one timed case, measured next to predicted (cost.py), as plain JSON values."""
-    predicted = cost_model.lora_step_cost(case.model_cfg, case.train_cfg.batch_size, case.lora_cfg,
-                                          case.train_cfg.grad_accum)
+    predicted = case.predicted
     median = statistics.median(times)
     flops = case.xla.get("flops")
-    lora_cfg = case.lora_cfg
     return {
         "mode": case.mode,
-        "lora": None if lora_cfg is None else {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha,
-                                               "targets": list(lora_cfg.targets), "fuse_qkv": lora_cfg.fuse_qkv},
+        "lora": case.adapter,
         "dtype": case.train_cfg.dtype,
         "model": {k: getattr(case.model_cfg, k) for k in ("vocab_size", "context", "width", "layers", "heads")},
         "batch_size": case.train_cfg.batch_size, "grad_accum": case.train_cfg.grad_accum,
@@ -241,7 +240,7 @@ def sampling_speed(model_cfg: ModelConfig, new_tokens: int | None = None, seed: 
     out = {"new_tokens": new_tokens}
     for name, cached in (("cached", True), ("uncached", False)):
         def run(cached=cached):
-            return block(generate(params, prompt, model_cfg, key=jax.random.key(seed), max_new_tokens=new_tokens,
+            return wait_until_ready(generate(params, prompt, model_cfg, key=jax.random.key(seed), max_new_tokens=new_tokens,
                                   temperature=1.0, use_cache=cached))
         start = time.perf_counter()
         run()  # compiles

@@ -5,8 +5,7 @@ gradient is needed. The backward pass then costs, per product (m, k) @ (k, n) = 
 
     input gradient   dX = dY Wᵀ      2mkn   if X depends on anything trainable
     weight gradient  dW = Xᵀ dY      2mkn   if W itself is trainable          <- LoRA removes these
-    LoRA extra       per adapted matrix: merging W + s·A B (2·d_in·R·d_out), then in the backward pass
-                     x A, (x A)ᵀ dY, dY Bᵀ, xᵀ (dY Bᵀ): 4·N·R·(d_in + d_out), thin and cheap in FLOPs
+    adapter extra    what an adapter on a frozen matrix adds (lora/cost.py lists LoRA's products)
 
 so full fine-tuning does ~3x the forward FLOPs and LoRA ~2x (plus the adapters), and the FLOP ratio
 LoRA/full can never fall below ~2/3: frozen layers still run forward and still pass gradients down.
@@ -14,14 +13,16 @@ Everything else -- LayerNorm, GELU, softmax, residual adds, the optimizer -- is 
 it moves bytes more than it computes, costs the same for LoRA as for full (but the optimizer), and
 so pulls the time ratio further towards 1 (`elementwise_bytes`: an estimate of the bytes it moves).
 
-The list is exact: tests/test_cost.py checks it against the matrix products in JAX's own trace of
-the train step. Attention products follow attention.causal_self_attention (blocks of queries that see
+This file knows nothing of LoRA: an adapter is a site name, a rank and the products it adds, given by
+the caller (`adapter_products`; lora/cost.py gives LoRA's). The list is exact: tests/test_cost.py
+checks it against the matrix products in JAX's own trace of the train step. Attention products follow attention.causal_self_attention (blocks of queries that see
 only the keys up to their block's end).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from minilm.attention import QUERY_BLOCK
 from minilm.config import ModelConfig
@@ -36,7 +37,7 @@ class Product:
     """(m, k) @ (k, n), `count` times, in the forward pass."""
 
     name: str
-    kind: str        # linear (activation @ weight) | attention (activation @ activation) | lora (adapter)
+    kind: str        # linear (activation @ weight) | attention (activation @ activation) | adapter
     m: int
     k: int
     n: int
@@ -89,33 +90,40 @@ def attention_blocks(T: int, block: int = QUERY_BLOCK) -> list[tuple[int, int]]:
     return [(min(start + block, T) - start, min(start + block, T)) for start in range(0, T, block)]
 
 
-def products(cfg: ModelConfig, batch: int, adapters: dict[str, int] | None = None) -> list[Product]:
+# (site, rows N, d_in, d_out, rank) -> the products an adapter on that matrix adds; the site "embed" is the
+# embedding lookup (a gather of rows, d_in = V), "unembed" the tied output projection
+AdapterProducts = Callable[[str, int, int, int, int], list["Product"]]
+
+
+def products(cfg: ModelConfig, batch: int, adapters: dict[str, int] | None = None,
+             adapter_products: AdapterProducts | None = None) -> list[Product]:
     """Every matrix product of one forward pass over `batch` sequences of cfg.context tokens.
 
-    adapters None: full fine-tuning, every parameter trainable. Otherwise {site: rank} for LoRA, e.g.
-    {"blocks.0.attn.q": 8, "embed": 4}: only the adapters train (biases, LayerNorms frozen).
+    adapters None: full fine-tuning, every parameter trainable. Otherwise {site: rank}, e.g.
+    {"blocks.0.attn.q": 8, "embed": 4}: only adapters on those frozen matrices train (biases, LayerNorms
+    frozen), each adding the products `adapter_products` lists for it.
     """
     full = adapters is None
     adapters = adapters or {}
+    if adapters and adapter_products is None:
+        raise ValueError("adapters need adapter_products: the products each one adds (see lora/cost.py)")
     T, D, F, V, H = cfg.context, cfg.width, cfg.mlp_width, cfg.vocab_size, cfg.heads
     K, N = cfg.head_size, batch * cfg.context
     out: list[Product] = []
 
     def linear(name, x_grad, d_in, d_out, rank=None):
-        """x @ W, or x @ (W + s·A B) with an adapter (lora.weight.adapted_matmul); returns whether the
-        output depends on something trainable."""
+        """x @ W, with an adapter's products if the site has one; returns whether the output depends on
+        something trainable."""
         rank = rank or adapters.get(name)
         out.append(Product(name, "linear", N, d_in, d_out, 1, x_grad, full))
-        if rank:  # merge A B once; backward by hand: x A, (x A)ᵀ dy, dy Bᵀ, xᵀ (dy Bᵀ)
-            out.append(Product(name + ".merge", "lora", d_in, rank, d_out, 1, False, False))
-            out.extend(Product(name + part, "lora", m, k, n, 1, False, False) for part, m, k, n in (
-                (".xA", N, d_in, rank), (".dB", rank, N, d_out), (".dyB", N, d_out, rank), (".dA", d_in, N, rank)))
+        if rank:
+            out.extend(adapter_products(name, N, d_in, d_out, rank))
         return x_grad or full or bool(rank)
 
-    # The embedding lookup is a gather, not a product; an adapter on it adds A[ids] @ B.
+    # The embedding lookup is a gather, not a product; an adapter on it may add products of its own.
     x = full or "embed" in adapters
     if "embed" in adapters:
-        out.append(Product("embed.B", "lora", N, adapters["embed"], D, 1, True, True))
+        out.extend(adapter_products("embed", N, V, D, adapters["embed"]))
     for i in range(cfg.layers):
         name = f"blocks.{i}"
         ln1 = x or full  # LayerNorm's scale and bias are trainable in full fine-tuning
@@ -127,22 +135,22 @@ def products(cfg: ModelConfig, batch: int, adapters: dict[str, int] | None = Non
         ln2 = x or full
         hidden = linear(f"{name}.mlp.fc", ln2, D, F)
         x = linear(f"{name}.mlp.proj", hidden, F, D) or x
-    # Tied output projection: logits = LN(x) @ Eᵀ; with an adapter on E, W'ᵀ = Eᵀ + s Bᵀ Aᵀ.
+    # Tied output projection: logits = LN(x) @ Eᵀ; an adapter on E adapts it too.
     linear("unembed", x or full, D, V, rank=adapters.get("embed"))
     return out
 
 
-def step_cost(cfg: ModelConfig, batch: int, adapters: dict[str, int] | None = None, grad_accum: int = 1,
-              shared_a: frozenset[str] = frozenset()) -> StepCost:
+def step_cost(cfg: ModelConfig, batch: int, adapters: dict[str, int] | None = None, grad_accum: int = 1, *,
+              adapter_products: AdapterProducts | None = None, adapter_params: int = 0) -> StepCost:
     """FLOPs and bytes of one optimizer step over grad_accum micro-batches of `batch` sequences.
 
-    `shared_a`: adapted matrices whose A is another's (LoRA's fuse_qkv); their A is counted once."""
+    With `adapters` ({site: rank}, see `products`), only the adapters' `adapter_params` scalars train."""
     forward = input_grad = weight_grad = lora_extra = 0
-    listed = products(cfg, batch, adapters)
+    listed = products(cfg, batch, adapters, adapter_products)
     for p in listed:
         backward_lhs = p.flops if p.lhs_grad else 0
         backward_rhs = p.flops if p.rhs_grad else 0
-        if p.kind == "lora":
+        if p.kind == "adapter":
             lora_extra += p.flops + backward_lhs + backward_rhs
         elif p.kind == "attention":
             forward += p.flops
@@ -155,9 +163,6 @@ def step_cost(cfg: ModelConfig, batch: int, adapters: dict[str, int] | None = No
     N = batch * T
     keys = sum(q * k for q, k in attention_blocks(T)) / T  # mean keys computed per query
     params = size(param_shapes(cfg))
-    # each adapter is A (d_in, R) and B (R, d_out): the shapes of its merge product (d_in, R) @ (R, d_out)
-    adapter_params = sum(p.k * (p.n + (0 if p.name.removesuffix(".merge") in shared_a else p.m))
-                         for p in listed if p.name.endswith(".merge"))
     trainable = params if adapters is None else adapter_params
     # Elementwise passes per token, each element read or written once per pass (forward + backward):
     # LayerNorm ~8 passes of D (x2 per block, + final), residual adds 2 of D, GELU ~8 of F,
@@ -173,28 +178,3 @@ def step_cost(cfg: ModelConfig, batch: int, adapters: dict[str, int] | None = No
         params_bytes=F32 * (params + adapter_params), trainable_params=trainable,
         activation_bytes=int(activations), tokens=N * grad_accum)
 
-
-def lora_step_cost(cfg: ModelConfig, batch: int, lora_cfg, grad_accum: int = 1) -> StepCost:
-    """`step_cost` for a lora.LoraConfig (None: full fine-tuning): its sites, ranks and shared A's."""
-    if lora_cfg is None:
-        return step_cost(cfg, batch, None, grad_accum)
-    ranks = adapter_ranks(cfg, lora_cfg)
-    return step_cost(cfg, batch, ranks, grad_accum, _shared(ranks, lora_cfg))
-
-
-def adapter_ranks(cfg: ModelConfig, lora_cfg) -> dict[str, int]:
-    """{site: rank} for a lora.LoraConfig on a model of this shape (no arrays are made)."""
-    from lora.adapter import site_ranks  # lora builds on minilm; imported only when needed
-
-    return site_ranks(param_shapes(cfg), lora_cfg)
-
-
-def adapter_shared_a(cfg: ModelConfig, lora_cfg) -> frozenset[str]:
-    """The sites whose A is another's under a lora.LoraConfig (fuse_qkv: k and v use q's); none for None."""
-    return frozenset() if lora_cfg is None else _shared(adapter_ranks(cfg, lora_cfg), lora_cfg)
-
-
-def _shared(sites, lora_cfg) -> frozenset[str]:
-    from lora.adapter import shared_a
-
-    return frozenset(shared_a(sites)) if lora_cfg.fuse_qkv else frozenset()

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import lora
+from lora import cost as lora_cost
 from minilm import cost, train
 from minilm.config import ModelConfig
 from minilm.model import init
@@ -76,8 +77,8 @@ CASES = {
 @pytest.mark.parametrize("name", CASES)
 def test_flops_equal_the_matrix_products_jax_traces(name):
     lora_cfg = CASES[name]
-    adapters = None if lora_cfg is None else cost.adapter_ranks(CFG, lora_cfg)
-    predicted = cost.step_cost(CFG, BATCH, adapters, shared_a=cost.adapter_shared_a(CFG, lora_cfg))
+    predicted = (cost.step_cost(CFG, BATCH) if lora_cfg is None else lora_cost.adapters_step_cost(
+        CFG, BATCH, lora_cost.adapter_ranks(CFG, lora_cfg), shared=lora_cost.adapter_shared_a(CFG, lora_cfg)))
     traced, trainable = traced_flops(lora_cfg)
     assert predicted.flops == traced
     assert predicted.trainable_params == trainable
@@ -85,23 +86,23 @@ def test_flops_equal_the_matrix_products_jax_traces(name):
 
 def test_full_step_costs_three_forwards_and_lora_removes_the_weight_gradients():
     full = cost.step_cost(CFG, BATCH)
-    adapters = cost.adapter_ranks(CFG, CASES["all-linear"])
-    lora_cost = cost.step_cost(CFG, BATCH, adapters)
+    adapters = lora_cost.adapter_ranks(CFG, CASES["all-linear"])
+    low = lora_cost.adapters_step_cost(CFG, BATCH, adapters)
     N, D, F, V, L = BATCH * CFG.context, CFG.width, CFG.mlp_width, CFG.vocab_size, CFG.layers
     # every linear layer's dW by hand: q, k, v, o (D, D), fc (D, F), proj (F, D), and the tied unembedding
     assert full.weight_grad == 2 * N * (L * (4 * D * D + 2 * D * F) + D * V)
     assert full.input_grad < full.forward * 2         # the embedding lookup passes no dX further down
-    assert lora_cost.weight_grad == 0 and lora_cost.forward == full.forward
+    assert low.weight_grad == 0 and low.forward == full.forward
     # the adapters' own products, per (d_in, d_out) matrix: the merge A B, 2 d_in R d_out, and four thin
     # products of the backward pass (x A, (x A)ᵀ dY, dY Bᵀ, xᵀ (dY Bᵀ)), 4 N R (d_in + d_out)
     R = 8
     extra = lambda d_in, d_out: 2 * d_in * R * d_out + 4 * N * R * (d_in + d_out)
-    assert lora_cost.lora_extra == CFG.layers * (4 * extra(D, D) + extra(D, F) + extra(F, D))
-    # cost.lora_step_cost finds the same sites and shared A's itself
+    assert low.lora_extra == CFG.layers * (4 * extra(D, D) + extra(D, F) + extra(F, D))
+    # lora_step_cost finds the same sites and shared A's itself
     for lora_cfg in CASES.values():
-        adapters = None if lora_cfg is None else cost.adapter_ranks(CFG, lora_cfg)
-        assert cost.lora_step_cost(CFG, BATCH, lora_cfg) == cost.step_cost(
-            CFG, BATCH, adapters, shared_a=cost.adapter_shared_a(CFG, lora_cfg))
+        expected = cost.step_cost(CFG, BATCH) if lora_cfg is None else lora_cost.adapters_step_cost(
+            CFG, BATCH, lora_cost.adapter_ranks(CFG, lora_cfg), shared=lora_cost.adapter_shared_a(CFG, lora_cfg))
+        assert lora_cost.lora_step_cost(CFG, BATCH, lora_cfg) == expected
 
 
 def test_attention_blocks_cover_the_causal_triangle_once():
@@ -123,7 +124,7 @@ def test_state_bytes_match_the_pytrees():
     lora_cfg = CASES["embed + mlp, mixed ranks"]
     adapted = lora.attach(params, lora_cfg, key=jax.random.key(1))
     trainable, _ = lora.split(adapted, lora_cfg)
-    lora_cost = cost.step_cost(CFG, BATCH, cost.adapter_ranks(CFG, lora_cfg))
-    assert lora_cost.trainable_params == size(trainable)
-    assert lora_cost.optimizer_bytes == 2 * 4 * size(trainable)
-    assert lora_cost.params_bytes == 4 * size(adapted)
+    low = lora_cost.adapters_step_cost(CFG, BATCH, lora_cost.adapter_ranks(CFG, lora_cfg))
+    assert low.trainable_params == size(trainable)
+    assert low.optimizer_bytes == 2 * 4 * size(trainable)
+    assert low.params_bytes == 4 * size(adapted)

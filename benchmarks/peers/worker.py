@@ -38,7 +38,7 @@ def lora_targets(name: str) -> tuple[str, ...]:
 
 
 class JaxSide:
-    """minilm's own step (minilm.bench.train_step_case): compiled, then one warm step inside it."""
+    """minilm's own step (minilm.bench.train_step_case, or lora.train_step_case): compiled, then one warm step."""
 
     def __init__(self, args):
         import jax
@@ -61,7 +61,8 @@ class JaxSide:
         self.facts = {"jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count(),
                       "tokens_per_step": train_cfg.grad_accum * train_cfg.batch_size * model_cfg.context,
                       "batch": train_cfg.grad_accum * train_cfg.batch_size, "context": model_cfg.context}
-        self.case = minilm.bench.train_step_case(model_cfg, train_cfg, lora_cfg, seed=args.seed)
+        self.case = (minilm.bench.train_step_case(model_cfg, train_cfg, seed=args.seed) if lora_cfg is None
+                     else lora.train_step_case(model_cfg, train_cfg, lora_cfg, seed=args.seed))
         if args.warmup:
             self.case.run(args.warmup)
         counts = self.case.counts()
