@@ -9,9 +9,13 @@ with a message that says how to fix it, not deep inside JAX. Changes go through
 
 from __future__ import annotations
 
+import math
+import typing
 from dataclasses import dataclass, field, fields
 
 from minilm.errors import MinilmError
+
+LARGEST_INT = 2**31 - 1  # steps, sizes and seeds live in int32 arrays (positions, counters, PRNG seeds)
 
 
 def option(default, help: str, **metadata):
@@ -19,12 +23,42 @@ def option(default, help: str, **metadata):
     return field(default=default, metadata={"help": help, **metadata})
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_types(cfg) -> None:
+    """Every field holds a value of its declared type: an int is not a bool or 64.0, a float is a finite
+    number (nan and inf are refused everywhere), a str is a str. The first field that does not, raises."""
+    for f in fields(cfg):
+        value, kinds = getattr(cfg, f.name), typing.get_args(typing.get_type_hints(type(cfg))[f.name])
+        kinds = kinds or (typing.get_type_hints(type(cfg))[f.name],)
+        if value is None and type(None) in kinds:
+            continue
+        where = f"{f.name} = {value!r}"
+        how = f"; pass it with {_flag(f.name)}" if f.metadata.get("cli", True) else ""
+        if bool in kinds:
+            if not isinstance(value, bool):
+                raise MinilmError(f"{where} must be true or false{how}")
+        elif int in kinds:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise MinilmError(f"{where} must be a whole number, e.g. {f.default!r}{how}")
+            if abs(value) > LARGEST_INT:
+                raise MinilmError(f"{where} is too large: expected at most {LARGEST_INT:,}{how}")
+        elif float in kinds:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise MinilmError(f"{where} must be a number, e.g. {f.default!r}{how}")
+            if not math.isfinite(value):
+                raise MinilmError(f"{where} must be a finite number, e.g. {f.default!r}{how}")
+        elif str in kinds and not isinstance(value, str):
+            raise MinilmError(f"{where} must be a string, e.g. {f.default!r}{how}")
+
+
 def _check_positive(cfg, *names):
     for name in names:
         value = getattr(cfg, name)
         if value <= 0:
-            flag = "--" + name.replace("_", "-")
-            raise MinilmError(f"{name} = {value} must be positive; pass a value > 0 with {flag}")
+            raise MinilmError(f"{name} = {value} must be positive; pass a value > 0 with {_flag(name)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,6 +73,7 @@ class ModelConfig:
     mlp_ratio: int = option(4, "MLP hidden width F as a multiple of the model width")
 
     def __post_init__(self):
+        check_types(self)
         _check_positive(self, "context", "width", "layers", "heads", "mlp_ratio")
         if self.vocab_size < 0:
             raise MinilmError(f"vocab_size = {self.vocab_size} must be positive")
@@ -86,6 +121,7 @@ class TrainConfig:
         return int(self.warmup * self.steps)
 
     def __post_init__(self):
+        check_types(self)
         _check_positive(self, "steps", "batch_size", "grad_accum", "lr", "eval_every", "eval_batches",
                         "checkpoint_every")
         if not 0 <= self.min_lr <= self.lr:
@@ -112,6 +148,7 @@ class DataConfig:
     val_fraction: float = option(0.1, "fraction of the text held out for evaluation")
 
     def __post_init__(self):
+        check_types(self)
         if self.tokenizer not in ("auto", "char", "word"):
             raise MinilmError(f"tokenizer = {self.tokenizer!r}; expected auto, char or word")
         if not 0 < self.val_fraction < 0.5:
@@ -133,6 +170,7 @@ class SampleConfig:
     kv_cache: bool = option(True, "reuse earlier positions' keys and values instead of recomputing them")
 
     def __post_init__(self):
+        check_types(self)
         _check_positive(self, "max_new_tokens", "num_samples")
         if self.temperature < 0 or self.top_k < 0:
             raise MinilmError("temperature and top_k must be >= 0")
