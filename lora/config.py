@@ -39,13 +39,13 @@ ALL_LINEAR = "all-linear"
 class LoraConfig:
     """One adapter's options. Each field's `help` is also the `--lora` key's help (minilm/cli/finetune.py)."""
 
-    rank: int = option(8, "rank R of every adapter: A is (d_in, R), B is (R, d_out)")
+    rank: int = option(8, "the adapters' rank R: A is (d_in, R), B is (R, d_out)")
     alpha: float = option(16.0, "scale s = alpha / R")
     use_rslora: bool = option(False, "scale s = alpha / sqrt(R) instead (Kalajdzievski 2023)")
     dropout: float = option(0.0, "dropout on the adapter's input, during training only")
     targets: tuple[str, ...] = option(
         ("attn.q", "attn.v"), "the matrices to adapt: attn.q|k|v|o, mlp.fc|proj, attn.*, mlp.*, all-linear, embed, "
-        "blocks.N.*; by default Wq and Wv, as the LoRA paper does (Hu et al. §7.1)")
+        "blocks.N.*, by default Wq and Wv as in the LoRA paper (Hu et al. §7.1)")
     rank_pattern: Mapping[str, int] = field(
         default_factory=dict, metadata={"help": "pattern:rank entries, a target pattern's own rank, e.g. mlp.*:4"})
     alpha_pattern: Mapping[str, float] = field(

@@ -1,0 +1,47 @@
+"""The `minilm` command: the one place that wires config, data, model, training, LoRA and files together.
+
+One module per command (train, sample, finetune, merge, compare, bench), each with `add_parser`,
+which registers its subcommand, and `run(args) -> int`, which does it; fit.py is the training loop
+that train and finetune share, flags.py turns config dataclass fields into flags. A command module
+imports at its top only what its parser needs; what running it needs (JAX, lora, matplotlib, ...) it
+imports in `run`, so `minilm --help` and each command load no more than they use.
+
+Bad input ends in one line on stderr, `minilm CMD: error: ...`, and exit status 2, never a traceback;
+an interrupted training run saves its checkpoint first (fit.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from minilm import allocator
+from minilm.cli import bench, compare, finetune, merge, sample, train
+from minilm.errors import MinilmError
+
+COMMANDS = (train, sample, finetune, merge, compare, bench)  # in the order `minilm --help` lists them
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="minilm",
+        description="A textbook GPT in JAX: train it on toy corpora, sample from it, and see what "
+                    "fine-tuning changes.")
+    commands = parser.add_subparsers(title="commands", dest="command", required=True)
+    for command in COMMANDS:
+        command.add_parser(commands)
+    return parser
+
+
+def main(argv=None) -> int:
+    if argv is None:  # a real command line (not a call from Python): restart once with glibc's tunables
+        allocator.restart_with_tunables()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except MinilmError as e:
+        print(f"minilm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130

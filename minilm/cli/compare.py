@@ -1,0 +1,95 @@
+"""`minilm compare`: what fine-tuning changed, as a report comparing a base model with tuned versions.
+
+A tuned model is a checkpoint (full fine-tuning, or a merge) or a LoRA adapter folder, merged onto the
+base for the comparison. The analyses are minilm.analysis's; this module loads the models, builds the
+probe (the base corpus's words, groups, pairs and text, plus --probe and --words) and writes
+OUT/report.html, OUT/metrics.json and OUT/figures/ (minilm/report.py).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from minilm.errors import MinilmError
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser("compare", help="what changed: compare a base model with its tuned versions",
+                            description="Compare BASE with one or more TUNED models (checkpoints, or LoRA adapter "
+                                        "folders, merged onto BASE): which weights moved and how, how token and "
+                                        "hidden vectors rearranged, where attention now looks. Writes "
+                                        "OUT/report.html, OUT/metrics.json and OUT/figures/.")
+    p.add_argument("base", metavar="BASE", help="the model before fine-tuning")
+    p.add_argument("tuned", metavar="TUNED", nargs="+", help="fine-tuned checkpoints or adapter folders")
+    p.add_argument("--out", metavar="DIR", required=True, help="report folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--probe", metavar="TEXT", action="append",
+                   help="a probe sentence (repeatable); the base corpus's own probes are added")
+    p.add_argument("--words", metavar="W1,W2", help="extra tokens whose vectors to follow")
+    p.add_argument("--no-corpus-probe", action="store_true",
+                   help="do not add the base corpus's words, groups, pairs and text to the probe set")
+    p.add_argument("--top-k", type=int, default=10, help="singular vectors checked for intruders (default: 10)")
+    p.add_argument("--epsilon", type=float, default=0.5,
+                   help="intruder threshold on the best |cosine| with the base's singular vectors (default: 0.5)")
+    p.set_defaults(run=run)
+
+
+def load_tuned(path: Path, base, used: set):
+    """A tuned model for `compare`: a checkpoint, or an adapter folder (merged onto the base).
+
+    Its name is its folder's (the run's, for OUT/checkpoint or OUT/adapter), primed until it differs
+    from `base` and from every name in `used`, to which it is added."""
+    import lora
+    from minilm import checkpoint
+    from minilm.analysis.compare import Model, check_comparable
+
+    path = Path(path)
+    adapter_dir = next((p for p in (path, path / "adapter") if (p / "adapter_config.json").is_file()), None)
+    name = path.name if path.name not in ("checkpoint", "adapter") else path.parent.name
+    while name in used or name == "base":
+        name += "'"
+    used.add(name)
+    if adapter_dir is None:
+        ckpt = checkpoint.load(path)
+        check_comparable(base.model_cfg, base.tokenizer, ckpt.model_cfg, ckpt.tokenizer, str(path))
+        return Model(name, ckpt.params)
+    params, _ = lora.load_adapter(adapter_dir, base.params, base.model_cfg, tokenizer=base.tokenizer)
+    adapters = {site: w.lora_a for site, w in lora.lora_weights(params).items()}
+    return Model(name, lora.merge(params), adapters)
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from minilm import checkpoint, report
+    from minilm.analysis.compare import Model, compare, make_probe
+    from minilm.corpora import load_corpus
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise MinilmError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+    base = checkpoint.load(args.base)
+    used: set = set()
+    tuned = [load_tuned(p, base, used) for p in args.tuned]
+    corpus = None
+    if base.data_cfg.corpus is not None and not args.no_corpus_probe:
+        corpus = load_corpus(base.data_cfg.corpus, seed=base.train_cfg.seed, size=base.data_cfg.corpus_size)
+    words = [w for w in (args.words or "").split(",") if w]
+    probe = make_probe(base.tokenizer, base.model_cfg, corpus=corpus, words=words, sentences=args.probe or ())
+    if probe.missing:
+        print(f"not in the vocabulary, skipped: {', '.join(probe.missing)}", file=sys.stderr)
+    steps = 2 * len(tuned) + len([m for m in tuned if m.adapters]) ** 2 + 1
+    with tqdm(total=steps, desc="compare", unit="part") as bar:
+        def progress(what):
+            bar.set_postfix_str(what)
+            bar.update(1)
+
+        result = compare(Model("base", base.params), tuned, probe, base.tokenizer, base.model_cfg,
+                         k=args.top_k, epsilon=args.epsilon, progress=progress)
+        bar.set_postfix_str("report")
+        page = report.write(out, result, title=f"What changed: {base.path.parent.name} -> "
+                                                f"{', '.join(m.name for m in tuned)}")
+        bar.update(bar.total - bar.n)
+    print(f"report: {page}\nmetrics: {out / 'metrics.json'}")
+    return 0

@@ -1,0 +1,88 @@
+"""`minilm finetune`: fine-tune a trained model on new text, fully (--full) or with LoRA (--lora SPEC).
+
+Full fine-tuning trains every weight and writes a checkpoint that `minilm train --resume` continues;
+LoRA trains adapters only (lora/) and writes an adapter folder. The two share one training loop
+(fit.py) and one step (minilm.train): only the (trainable, frozen) split and the loss differ. The
+`--lora` spec's keys and their help are LoraConfig's fields (lora/config.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from minilm.cli.flags import add_config_flags, describe_keys, given
+from minilm.config import FINETUNE, LORA_LR, DataConfig, TrainConfig
+from minilm.errors import MinilmError
+
+
+def add_parser(commands) -> None:
+    from lora import LoraConfig  # here, not at the top: lora imports JAX, which main() loads only after its restart
+
+    p = commands.add_parser("finetune", help="fine-tune a trained model, fully or with LoRA",
+                            description="Fine-tune BASE on a corpus or text file. --full trains every weight and "
+                                        "writes OUT/checkpoint/; --lora trains low-rank adapters only and writes "
+                                        "OUT/adapter/ (adapter_config.json + adapter_model.safetensors).")
+    p.add_argument("base", metavar="BASE", help="the trained model: a run folder or its checkpoint/")
+    p.add_argument("--full", action="store_true", help="train every parameter")
+    p.add_argument("--lora", metavar="SPEC",
+                   help="train LoRA adapters: comma-separated key=value, e.g. rank=8,alpha=16,targets=attn.q,attn.v. "
+                        f"Keys: {describe_keys(LoraConfig)}")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: runs/BASE-MODE-CORPUS)")
+    p.add_argument("--overwrite", action="store_true", help="replace what an earlier run saved in --out")
+    add_config_flags(p, TrainConfig, f"training (lr defaults to {FINETUNE.lr:g} for --full, {LORA_LR:g} for --lora)",
+                     lambda f: f"default: {getattr(FINETUNE, f.name)}")
+    add_config_flags(p, DataConfig, "data (tokenized with the base model's vocabulary)")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import jax
+
+    import lora
+    from minilm import checkpoint, train
+    from minilm.cli.fit import fit
+    from minilm.data import check_fits, load_dataset
+    from minilm.tree import combine, partition, size
+
+    if args.full == (args.lora is not None):
+        raise MinilmError("--full and --lora together" if args.full else
+                          "choose how to fine-tune: --full, or --lora SPEC (e.g. --lora rank=8,alpha=16)")
+    lora_cfg = lora.parse_spec(args.lora) if args.lora is not None else None
+    train_over, data_over = given(args, TrainConfig), given(args, DataConfig)
+    if "tokenizer" in data_over:
+        raise MinilmError("--tokenizer: fine-tuning reads text with the base model's own tokenizer; drop the flag")
+    train_cfg = dataclasses.replace(FINETUNE, **({"lr": LORA_LR} if lora_cfg else {}), **train_over)
+    data_cfg = DataConfig(**data_over)
+    base = checkpoint.load(args.base)
+    out = Path(args.out or f"runs/{base.path.parent.name}-{'lora' if lora_cfg else 'full'}-"
+                           f"{data_cfg.corpus or Path(data_cfg.text or 'text').stem}")
+    saved = out / ("adapter" if lora_cfg else "checkpoint")
+    if saved.exists() and not args.overwrite:
+        raise MinilmError(f"{saved} already exists; pass --overwrite to replace it or choose another --out")
+    data = load_dataset(data_cfg, seed=train_cfg.seed, tokenizer=base.tokenizer)
+    check_fits(data, base.model_cfg.context, data_cfg.text or f"corpus {data_cfg.corpus!r}")
+    model_cfg = base.model_cfg
+    adapter_key, run_key = jax.random.split(jax.random.key(train_cfg.seed))
+    if lora_cfg:
+        params = lora.attach(base.params, lora_cfg, key=adapter_key)
+        trainable, frozen = lora.split(params, lora_cfg)
+    else:
+        trainable, frozen = partition(base.params, lambda name: True)
+    state = train.start(trainable, frozen, train_cfg, key=run_key)
+    if lora_cfg:
+        optimizer_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
+        print(lora.format_summary(lora.summary(params, trainable), size(base.params), optimizer_bytes))
+
+    def save(state):
+        if lora_cfg:
+            lora.save_adapter(saved, combine(state.trainable, state.frozen), lora_cfg, model_cfg, base.tokenizer)
+        else:
+            checkpoint.save_training(saved, state, model_cfg=model_cfg, train_cfg=train_cfg, data_cfg=data_cfg,
+                                     tokenizer=base.tokenizer)
+
+    return fit(state, data, model_cfg, train_cfg, out, save, resume=False, saved=saved,
+               resume_hint=None if lora_cfg else f"minilm train --out {out} --resume",
+               sample_hint=f"minilm sample {base.path} --adapter {saved} --prompt '...'" if lora_cfg
+               else f"minilm sample {out} --prompt '...'",
+               loss=lora.loss_fn if lora_cfg else None)

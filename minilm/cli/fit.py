@@ -1,0 +1,86 @@
+"""The training loop as the command line runs it, for `train` and `finetune` alike.
+
+minilm.train.run yields one state per optimizer step; this wraps it with what a person at a terminal
+needs: a progress bar, one JSON line of metrics per step in OUT/metrics.jsonl, a checkpoint every
+checkpoint_every steps and at the end, and a clean stop on Ctrl-C that saves first (exit status 130).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+
+
+def logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; a line cut short by a kill counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
+
+
+def fit(state, data, model_cfg, train_cfg, out: Path, save, *, resume: bool, saved: Path, resume_hint: str | None,
+        sample_hint: str, loss=None) -> int:
+    """Run training with a progress bar, log metrics.jsonl, save every checkpoint_every steps and on Ctrl-C.
+
+    Args:
+        state: the training state to start from (minilm.train.start, or a restored checkpoint's).
+        save: save(state) writes what this run saves (a checkpoint, or an adapter) to `saved`.
+        resume: continuing a saved run: metrics.jsonl keeps its lines up to the state's step.
+        resume_hint, sample_hint: the commands printed for continuing the run and sampling from it.
+        loss: the step's loss (default minilm.train.loss_fn; lora.loss_fn trains adapters).
+    Returns:
+        the exit status: 0 when every step ran, 130 when Ctrl-C stopped the run (after saving).
+    """
+    from tqdm import tqdm
+
+    from minilm import checkpoint, train
+    from minilm.tree import size
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    kept = []
+    if resume and metrics_path.exists():  # drop lines logged after the checkpoint we resume from
+        kept = [line for line in metrics_path.read_text().splitlines() if logged_step(line) <= state.step]
+    checkpoint.write_text_atomic(metrics_path, "".join(line + "\n" for line in kept))
+
+    tokens_per_step = train_cfg.grad_accum * train_cfg.batch_size * model_cfg.context
+    print(f"training {size(state.trainable):,} parameters on {len(data.train):,} tokens "
+          f"(vocabulary {data.tokenizer.size}) -> {out}", file=sys.stderr)
+    bar = tqdm(total=train_cfg.steps, initial=state.step, unit="step", desc="train", dynamic_ncols=True)
+    first_step, step_seconds, eval_loss = state.step, 0.0, float("nan")
+    stop = []
+
+    def request_stop(*_):  # Ctrl-C: finish this step, save, exit. A second Ctrl-C interrupts at once.
+        stop.append(True)
+        signal.signal(signal.SIGINT, previous_handler)
+
+    previous_handler = signal.signal(signal.SIGINT, request_stop)
+    try:
+        with metrics_path.open("a") as log:
+            for state, metrics in train.run(state, data, model_cfg, train_cfg, loss or train.loss_fn):
+                if state.step > first_step + 1:  # the first step of a process includes compilation
+                    step_seconds += metrics["step_seconds"]
+                    metrics["tokens_per_s"] = tokens_per_step * (state.step - first_step - 1) / step_seconds
+                eval_loss = metrics.get("eval_loss", eval_loss)
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", eval=f"{eval_loss:.3f}",
+                                tok_s=f"{metrics.get('tokens_per_s', 0):,.0f}")
+                bar.update(1)
+                if stop or state.step % train_cfg.checkpoint_every == 0 or state.step == train_cfg.steps:
+                    save(state)
+                if stop:
+                    bar.close()
+                    hint = f"; continue with `{resume_hint}`" if resume_hint else ""
+                    print(f"\ninterrupted: saved step {state.step} to {saved}{hint}", file=sys.stderr)
+                    return 130
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+    bar.close()
+    print(f"done: step {state.step}, eval loss {eval_loss:.4f}\n"
+          f"  saved       {saved}\n  metrics     {metrics_path}\n"
+          f"  sample with {sample_hint}")
+    return 0

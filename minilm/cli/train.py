@@ -1,0 +1,77 @@
+"""`minilm train`: train a model from scratch on a corpus or a text file, or --resume a saved run.
+
+Every ModelConfig, TrainConfig and DataConfig field is a flag (flags.py); a flag left out keeps the
+preset's value, or on --resume the checkpoint's. A resumed run continues bit-identically; only the
+training flags (--steps, say) may change, never the model, the data or the seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from minilm.cli.flags import add_config_flags, check_unchanged, given, preset_note
+from minilm.config import PRESETS, DataConfig, ModelConfig, TrainConfig, preset
+from minilm.errors import MinilmError
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser("train", help="train a model from scratch (or --resume one)",
+                            description="Train a GPT on a built-in corpus (--corpus) or a text file (--text). "
+                                        "Writes OUT/checkpoint/ and OUT/metrics.jsonl.")
+    p.add_argument("--preset", choices=list(PRESETS), default="tiny",
+                   help="model and training sizes to start from; other flags override them (default: tiny)")
+    p.add_argument("--out", metavar="DIR", help="run folder (default: runs/PRESET-CORPUS)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run saved in --out, bit-identically; --steps may extend it")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already saved in --out")
+    add_config_flags(p, ModelConfig, "model (defaults from --preset)", preset_note(0))
+    add_config_flags(p, TrainConfig, "training (defaults from --preset)", preset_note(1))
+    add_config_flags(p, DataConfig, "data")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import jax
+
+    from minilm import checkpoint, train
+    from minilm.cli.fit import fit
+    from minilm.data import check_fits, load_dataset
+    from minilm.model import init
+    from minilm.tree import partition
+
+    model_over, train_over, data_over = given(args, ModelConfig), given(args, TrainConfig), given(args, DataConfig)
+    if args.resume and args.overwrite:
+        raise MinilmError("--resume and --overwrite contradict each other; pass one of them")
+    default_name = data_over.get("corpus") or Path(data_over.get("text") or "text").stem
+    out = Path(args.out or f"runs/{args.preset}-{default_name}")
+    if args.resume:
+        ckpt = checkpoint.load(out)
+        check_unchanged(ckpt.model_cfg, model_over, "model config")
+        check_unchanged(ckpt.data_cfg, data_over, "data config")
+        check_unchanged(ckpt.train_cfg, {k: v for k, v in train_over.items() if k == "seed"}, "seed")
+        model_cfg, data_cfg = ckpt.model_cfg, ckpt.data_cfg
+        train_cfg = dataclasses.replace(ckpt.train_cfg, **train_over)
+        data = load_dataset(data_cfg, seed=train_cfg.seed, tokenizer=ckpt.tokenizer)
+        state = checkpoint.restore_training(ckpt, train_cfg)
+    else:
+        if (out / "checkpoint").exists() and not args.overwrite:
+            raise MinilmError(f"{out} already holds a training run; pass --resume to continue it, "
+                              f"--overwrite to replace it, or choose another --out")
+        base_model, base_train = preset(args.preset)
+        model_cfg = dataclasses.replace(base_model, **model_over)  # check every config before reading data
+        train_cfg = dataclasses.replace(base_train, **train_over)
+        data_cfg = DataConfig(**data_over)
+        data = load_dataset(data_cfg, seed=train_cfg.seed)
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=data.tokenizer.size)
+        init_key, train_key = jax.random.split(jax.random.key(train_cfg.seed))
+        trainable, frozen = partition(init(model_cfg, key=init_key), lambda name: True)
+        state = train.start(trainable, frozen, train_cfg, key=train_key)
+    check_fits(data, model_cfg.context, data_cfg.text or f"corpus {data_cfg.corpus!r}")
+
+    def save(state):
+        checkpoint.save_training(out / "checkpoint", state, model_cfg=model_cfg, train_cfg=train_cfg,
+                                 data_cfg=data_cfg, tokenizer=data.tokenizer)
+
+    return fit(state, data, model_cfg, train_cfg, out, save, resume=args.resume, saved=out / "checkpoint",
+               resume_hint=f"minilm train --out {out} --resume", sample_hint=f"minilm sample {out} --prompt '...'")
