@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from minilm.model import product
+from minilm.model import mixed_precision_matmul
 
 
 def column_norm(w: jax.Array) -> jax.Array:
@@ -141,14 +141,14 @@ def adapted_matmul(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale
     Numerically the same to float32 rounding (tests/test_lora.py checks the values and gradients
     against the plain formula and against finite differences).
     """
-    return product(x, w + scale * (a @ b))
+    return mixed_precision_matmul(x, w + scale * (a @ b))
 
 
 def _adapted_matmul_fwd(x, w, a, b, scale):
     needed = _Needed(dx=x.perturbed, dw=w.perturbed)  # custom_vjp's symbolic zeros say what is trained
     x, w, a, b = x.value, w.value, a.value, b.value
     merged = w + scale * (a @ b)  # (d_in, d_out)
-    return product(x, merged), (x, merged, a, b, needed)
+    return mixed_precision_matmul(x, merged), (x, merged, a, b, needed)
 
 
 def _adapted_matmul_bwd(scale, residuals, dy):
@@ -156,7 +156,7 @@ def _adapted_matmul_bwd(scale, residuals, dy):
     dy_b = dy @ b.T                                     # (N, R)
     da = scale * _transposed(_transposed(dy_b) @ x)    # (d_in, R) = s · xᵀ (dy Bᵀ), as ((dy Bᵀ)ᵀ x)ᵀ
     db = scale * (_transposed(x @ a) @ dy)              # (R, d_out) = s · (x A)ᵀ dy
-    dx = product(dy, merged.T) if needed.dx else None  # (N, d_in), only if something below trains
+    dx = mixed_precision_matmul(dy, merged.T) if needed.dx else None  # (N, d_in), only if something below trains
     dw = x.T @ dy if needed.dw else None                # only if W itself trains (never in LoRA)
     return dx, dw, da, db
 

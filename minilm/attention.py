@@ -7,9 +7,8 @@ Two small pure functions, so the attention pattern itself is an ordinary value t
 `attention_probs` (who looks at whom) and `attend` (what they bring back). `causal_self_attention`
 computes exactly the same for a whole sequence, faster, by never computing what the mask throws away.
 
-Axes, used in every comment and einsum string of the project:
-    B batch, T query positions, S key positions, D model width, H heads, K head size,
-    F MLP width, V vocabulary, L layers, R LoRA rank.
+Shapes use the axis letters declared once in minilm/__init__.py: here B batch, T query positions,
+S key positions, H heads, K head size (einsum strings spell them in lower case).
 
 Positions are absolute, so the same mask serves a whole sequence (queries 0..T-1 against keys
 0..T-1) and one step of cached generation (query t against the cache's slots 0..S-1, of which
@@ -47,14 +46,15 @@ def attend(probs: jax.Array, v: jax.Array) -> jax.Array:
 QUERY_BLOCK = 64  # queries per block in causal_self_attention; 64 measured best for T = 256 on 2 CPU cores
 
 
-def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int = QUERY_BLOCK):
+def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, queries_per_block: int = QUERY_BLOCK):
     """q, k, v (B, T, H, K) of one whole sequence -> out (B, T, H, K), probs (B, H, T, T).
 
     The same numbers as `attend(attention_probs(q, k, causal_mask(t, t)), v)` with t = 0..T-1, computed
     without the masked half. Speed trick: above the diagonal the scores are masked to -inf and their
     weights are exactly 0, yet the plain version computes them, exponentiates them and multiplies by
-    them, forward and backward. Here the queries go in blocks of `block`; block i attends only to keys
-    0 .. end of block i, so with n blocks only (n + 1) / 2n of the scores exist: 5/8 for T = 256.
+    them, forward and backward. Here the queries go in blocks of `queries_per_block`; block i attends
+    only to keys 0 .. end of block i, so with n blocks only (n + 1) / 2n of the scores exist: 5/8 for
+    T = 256.
     Each block's softmax row covers all the keys its queries may see, so every row is the same
     softmax as before, and a skipped weight is the same exact 0. (Measured on 2 CPU cores, B 8, H 6,
     T 256: forward + backward of attention about 2x faster. The idea is FlashAttention's skipping of
@@ -68,8 +68,8 @@ def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int =
     qh, kh, vh = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # (B, H, T, K)
     scale = jnp.sqrt(q.shape[-1]).astype(q.dtype)
     outs, probs = [], []
-    for start in range(0, T, block):
-        stop = min(start + block, T)  # queries start..stop-1 see keys 0..stop-1
+    for start in range(0, T, queries_per_block):
+        stop = min(start + queries_per_block, T)  # queries start..stop-1 see keys 0..stop-1
         scores = jnp.einsum("bhtk,bhsk->bhts", qh[:, :, start:stop], kh[:, :, :stop]) / scale
         mask = causal_mask(jnp.arange(start, stop), jnp.arange(stop))
         p = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)  # (B, H, stop - start, stop)

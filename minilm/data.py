@@ -23,8 +23,8 @@ from minilm.tokenizer import Tokenizer
 
 @dataclass(frozen=True)
 class Dataset:
-    train: np.ndarray  # (N_train,) int32 token ids
-    val: np.ndarray    # (N_val,) int32
+    train: np.ndarray  # (training tokens,) int32 token ids
+    val: np.ndarray    # (held-out tokens,) int32
     tokenizer: Tokenizer
     corpus: Corpus | None  # the built-in corpus with its ground truth, or None for a text file
 
@@ -63,7 +63,7 @@ def check_fits(data: Dataset, context: int, source: str) -> None:
 
 @partial(jax.jit, static_argnames=("count", "batch_size", "context"))
 def batches(ids: jax.Array, key: jax.Array, cursor, *, count: int, batch_size: int, context: int):
-    """Micro-batches cursor..cursor+count-1 of windows: (count, B, T + 1) int32."""
+    """Micro-batches cursor..cursor+count-1 of windows: (A, B, T + 1) int32, A = count."""
     def one(m):
         offsets = jax.random.randint(jax.random.fold_in(key, m), (batch_size,), 0, ids.shape[0] - context)
         return ids[offsets[:, None] + jnp.arange(context + 1)]  # (B, T + 1)

@@ -13,6 +13,9 @@ for top-p):
                       tokens (0: no limit) and to the smallest set whose probability reaches top_p.
 
 The loop over new tokens is a `lax.scan` inside one jit-compiled function: no Python per token.
+
+Shapes use the axis letters of minilm/__init__.py: B batch, V vocabulary, P prompt tokens, G generated
+tokens (G = max_new_tokens).
 """
 
 from __future__ import annotations
@@ -71,15 +74,15 @@ def _generate_cached(params, prompt, key, *, cfg, max_new_tokens, temperature, t
         next_token = pick(logits[:, 0], key_t, temperature, top_k, top_p)
         return (next_token, cache, position + 1), next_token
 
-    _, rest = jax.lax.scan(step, (first, cache, P), keys[1:])  # rest: (N-1, B)
-    return jnp.concatenate([prompt, first[:, None], rest.T], axis=1)  # (B, P + N)
+    _, rest = jax.lax.scan(step, (first, cache, P), keys[1:])  # rest: (G - 1, B)
+    return jnp.concatenate([prompt, first[:, None], rest.T], axis=1)  # (B, P + G)
 
 
 @partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p"))
 def _generate_uncached(params, prompt, key, *, cfg, max_new_tokens, temperature, top_k, top_p):
     B, P = prompt.shape
     keys = jax.random.split(key, max_new_tokens)
-    tokens = jnp.concatenate([prompt, jnp.zeros((B, max_new_tokens), prompt.dtype)], axis=1)  # (B, P + N)
+    tokens = jnp.concatenate([prompt, jnp.zeros((B, max_new_tokens), prompt.dtype)], axis=1)  # (B, P + G)
 
     def step(tokens, i):
         # The whole buffer goes through the model each time; causality makes the unwritten tail harmless.
@@ -93,7 +96,7 @@ def _generate_uncached(params, prompt, key, *, cfg, max_new_tokens, temperature,
 
 def generate(params, prompt, cfg: ModelConfig, *, key, max_new_tokens: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, use_cache: bool = True) -> jax.Array:
-    """prompt (B, P) int -> (B, P + max_new_tokens): the prompt followed by sampled tokens.
+    """prompt (B, P) int -> (B, P + G), G = max_new_tokens: the prompt followed by sampled tokens.
 
     With the same key, the cached and uncached paths make the same choices from the same logits.
     """

@@ -15,8 +15,7 @@ Two conventions carry the rest of the project:
   GEMM and a train step is ~1.7x faster with a bit-identical loss. Attention alone reshapes to
   (B, T, H, K) inside and flattens on the way out.
 
-Axes: B batch, T positions, S key positions, D width, H heads, K head size, F MLP width, V vocabulary,
-L layers.
+Shapes use the axis letters declared in minilm/__init__.py (B, T, S, D, H, K, F, V, L; N = B·T).
 """
 
 from __future__ import annotations
@@ -49,27 +48,27 @@ def init(cfg: ModelConfig, *, key: jax.Array) -> dict:
     resid_std = INIT_STD / math.sqrt(2 * L)
     key_tok, key_pos, *block_keys = jax.random.split(key, 2 + L)
 
-    def linear(k, d_in, d_out, std=INIT_STD):
+    def linear_params(k, d_in, d_out, std=INIT_STD):
         return {"w": std * jax.random.normal(k, (d_in, d_out)), "b": jnp.zeros(d_out)}
 
-    def layer_norm():
+    def layer_norm_params():
         return {"scale": jnp.ones(D), "bias": jnp.zeros(D)}
 
-    def block(k):
+    def block_params(k):
         kq, kk, kv, ko, kfc, kproj = jax.random.split(k, 6)
         return {
-            "ln1": layer_norm(),
-            "attn": {"q": linear(kq, D, D), "k": linear(kk, D, D), "v": linear(kv, D, D),
-                     "o": linear(ko, D, D, resid_std)},
-            "ln2": layer_norm(),
-            "mlp": {"fc": linear(kfc, D, F), "proj": linear(kproj, F, D, resid_std)},
+            "ln1": layer_norm_params(),
+            "attn": {"q": linear_params(kq, D, D), "k": linear_params(kk, D, D), "v": linear_params(kv, D, D),
+                     "o": linear_params(ko, D, D, resid_std)},
+            "ln2": layer_norm_params(),
+            "mlp": {"fc": linear_params(kfc, D, F), "proj": linear_params(kproj, F, D, resid_std)},
         }
 
     return {
         "embed": {"tok": INIT_STD * jax.random.normal(key_tok, (cfg.vocab_size, D)),   # (V, D)
                   "pos": INIT_STD * jax.random.normal(key_pos, (cfg.context, D))},     # (T, D)
-        "blocks": [block(k) for k in block_keys],
-        "ln_f": layer_norm(),
+        "blocks": [block_params(k) for k in block_keys],
+        "ln_f": layer_norm_params(),
     }
 
 
@@ -81,7 +80,7 @@ def param_shapes(cfg: ModelConfig) -> dict:
 # ---------------------------------------------------------------- layers
 
 
-def product(x: jax.Array, w: jax.Array) -> jax.Array:
+def mixed_precision_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """x @ w in w's number format, accumulated and returned in float32 (or in x's type, if wider).
 
     In float32 this is plain x @ w. With mixed precision (train.mixed_precision) w arrives as bfloat16:
@@ -98,7 +97,7 @@ def linear(x: jax.Array, p: dict) -> jax.Array:
 
     A weight that is not an array (a LoRA weight, lora/weight.py) computes its own `x @ W`."""
     w = p["w"]
-    return (product(x, w) if isinstance(w, jax.Array) else x @ w) + p["b"]
+    return (mixed_precision_matmul(x, w) if isinstance(w, jax.Array) else x @ w) + p["b"]
 
 
 def layer_norm(x: jax.Array, p: dict, eps: float = 1e-5) -> jax.Array:
@@ -154,13 +153,13 @@ def mlp(x: jax.Array, p: dict):
 # ---------------------------------------------------------------- the model
 
 
-def _run(params, tokens, cfg: ModelConfig, start=0, cache=None):
+def _decoder(params, tokens, cfg: ModelConfig, start=0, cache=None):
     """Shared body of `forward` and `forward_cached`: logits (B, T, V), trace, updated cache."""
     B, T = tokens.shape
     positions = start + jnp.arange(T)
     x = params["embed"]["tok"][tokens.reshape(-1)]  # (B·T, D)
     x = x + jnp.tile(jax.lax.dynamic_slice_in_dim(params["embed"]["pos"], start, T), (B, 1))  # + (T, D) per row
-    layers = []
+    layers = []  # per layer, what the trace keeps
     new_cache = []
     for i, p in enumerate(params["blocks"]):  # unrolled at trace time: L is small and static
         resid_pre = x
@@ -170,20 +169,21 @@ def _run(params, tokens, cfg: ModelConfig, start=0, cache=None):
         resid_mid = x
         mlp_out, hidden = mlp(layer_norm(x, p["ln2"]), p["mlp"])
         x = x + mlp_out
-        layers.append((resid_pre, resid_mid, x, probs, hidden))
+        layers.append({"resid_pre": resid_pre, "resid_mid": resid_mid, "resid_post": x, "attn_probs": probs,
+                       "mlp_hidden": hidden})
         new_cache.append(layer_cache)
     final = layer_norm(x, params["ln_f"])
     logits = final @ params["embed"]["tok"].T  # tied unembedding: (B·T, D) @ (D, V)
 
-    def per_layer(j, width):  # stack one kind of trace over layers: (L, B, T, width)
-        return jnp.stack([layer[j].reshape(B, T, width) for layer in layers])
+    def over_layers(name, width):  # one kind of trace, stacked over layers: (B·T, width) each -> (L, B, T, width)
+        return jnp.stack([layer[name].reshape(B, T, width) for layer in layers])
 
     trace = {
-        "resid_pre": per_layer(0, cfg.width),    # (L, B, T, D) each block's input
-        "resid_mid": per_layer(1, cfg.width),    # (L, B, T, D) after attention
-        "resid_post": per_layer(2, cfg.width),   # (L, B, T, D) after the MLP
-        "attn_probs": jnp.stack([layer[3] for layer in layers]),  # (L, B, H, T, S)
-        "mlp_hidden": per_layer(4, cfg.mlp_width),  # (L, B, T, F)
+        "resid_pre": over_layers("resid_pre", cfg.width),    # (L, B, T, D) each block's input
+        "resid_mid": over_layers("resid_mid", cfg.width),    # (L, B, T, D) after attention
+        "resid_post": over_layers("resid_post", cfg.width),  # (L, B, T, D) after the MLP
+        "attn_probs": jnp.stack([layer["attn_probs"] for layer in layers]),  # (L, B, H, T, S)
+        "mlp_hidden": over_layers("mlp_hidden", cfg.mlp_width),  # (L, B, T, F)
         "final": final.reshape(B, T, cfg.width),    # (B, T, D) final LayerNorm output
     }
     return logits.reshape(B, T, -1), trace, (None if cache is None else new_cache)
@@ -197,8 +197,8 @@ def forward(params: dict, tokens: jax.Array, cfg: ModelConfig, *, trace: bool = 
     (L, B, T, F), and the final LayerNorm output (B, T, D). Under jit, an unused trace costs nothing:
     XLA removes what no output needs.
     """
-    logits, tr, _ = _run(params, tokens, cfg)
-    return (logits, tr) if trace else logits
+    logits, layer_trace, _ = _decoder(params, tokens, cfg)
+    return (logits, layer_trace) if trace else logits
 
 
 def empty_cache(cfg: ModelConfig, batch: int) -> list[dict]:
@@ -212,5 +212,5 @@ def forward_cached(params: dict, tokens: jax.Array, cfg: ModelConfig, cache: lis
 
     Writes this chunk's keys and values into the cache, so the next call only needs the new tokens.
     """
-    logits, _, cache = _run(params, tokens, cfg, start, cache)
+    logits, _, cache = _decoder(params, tokens, cfg, start, cache)
     return logits, cache

@@ -39,7 +39,8 @@ def finite(x):
     return x
 
 
-def _matrices(weights: dict) -> list[str]:
+def _matrix_names(weights: dict) -> list[str]:
+    """The names of the weight matrices in one model's weight results (vectors have no spectra)."""
     return [n for n, r in weights.items() if "energy_rank_delta" in r]
 
 
@@ -48,7 +49,7 @@ def _matrices(weights: dict) -> list[str]:
 
 def fig_relative_change(result) -> Figure:
     models = result["models"]
-    names = _matrices(result["weights"][models[0]])
+    names = _matrix_names(result["weights"][models[0]])
     fig = Figure(figsize=(8, 0.22 * len(names) * len(models) + 1.2))
     ax = fig.subplots()
     height = 0.8 / len(models)
@@ -70,7 +71,7 @@ def fig_spectra(result) -> Figure:
     axes = fig.subplots(len(models), 2, squeeze=False)
     for row, m in enumerate(models):
         w = result["weights"][m]
-        for n in _matrices(w):
+        for n in _matrix_names(w):
             s = np.asarray(w[n]["singular_values_delta"], dtype=float)
             if s.size and s[0] > 0:
                 axes[row, 0].semilogy(np.arange(1, s.size + 1), s, lw=0.8, alpha=0.6)
@@ -90,9 +91,9 @@ def fig_intruders(result) -> Figure:
     ax1, ax2 = fig.subplots(1, 2)
     for i, m in enumerate(result["models"]):
         w = result["weights"][m]
-        names = _matrices(w)
+        names = _matrix_names(w)
         eps = sorted(float(e) for e in w[names[0]]["intruder_sweep"])
-        total = [sum(w[n]["intruder_sweep"][_key(w[n]["intruder_sweep"], e)] for n in names) for e in eps]
+        total = [sum(w[n]["intruder_sweep"][_sweep_key(w[n]["intruder_sweep"], e)] for n in names) for e in eps]
         ax1.plot(eps, total, "o-", label=m, color=PALETTE[i % len(PALETTE)])
         ax2.scatter([w[n]["delta_direction"] for n in names], [w[n]["delta_magnitude"] for n in names],
                     label=m, s=12, color=PALETTE[i % len(PALETTE)])
@@ -107,7 +108,8 @@ def fig_intruders(result) -> Figure:
     return fig
 
 
-def _key(table: dict, eps: float):
+def _sweep_key(table: dict, eps: float):
+    """The key of `table` (an intruder sweep, keyed by ε as text) that stands for ε."""
     return next(k for k in table if float(k) == eps)
 
 
@@ -197,7 +199,8 @@ def fig_adapter_subspaces(result) -> Figure | None:
 # ---------------------------------------------------------------- the page
 
 
-def _png(fig: Figure, path: Path) -> str:
+def _save_png(fig: Figure, path: Path) -> str:
+    """Write `fig` to `path` as PNG; return the same bytes in base64, for embedding in the page."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     path.write_bytes(buffer.getvalue())
@@ -216,7 +219,7 @@ def _fmt(x, digits=3):
 
 def _weights_table(result, model) -> str:
     w = result["weights"][model]
-    names = sorted(_matrices(w), key=lambda n: -w[n]["relative"])
+    names = sorted(_matrix_names(w), key=lambda n: -w[n]["relative"])
     rows = [(n, "x".join(map(str, w[n]["shape"])), _fmt(w[n]["relative"]), _fmt(w[n]["fro"]),
              w[n]["energy_rank_delta"], _fmt(w[n]["effective_rank_delta"]), w[n]["intruder_count"],
              _fmt(w[n]["amplification_factor"]), _fmt(w[n]["delta_magnitude"]), _fmt(w[n]["delta_direction"]))
@@ -271,7 +274,7 @@ def write_page(out: Path, title: str, blocks, metrics: dict) -> Path:
             parts.append(f"<h2>{html.escape(heading)}</h2>")
         if isinstance(content, tuple):  # (file name, Figure)
             name, fig = content
-            data = _png(fig, tmp / "figures" / f"{name}.png")
+            data = _save_png(fig, tmp / "figures" / f"{name}.png")
             parts.append(f"<img alt='{html.escape(name)}' src='data:image/png;base64,{data}'>")
         else:
             parts.append(content)
@@ -304,8 +307,8 @@ def comparison_blocks(result: dict) -> list:
                ("attention_maps", "Attention on a probe sentence, before and after", fig_attention_maps),
                ("adapter_subspaces", "Do two adapters learn the same directions? (Hu et al. §7.2)",
                 fig_adapter_subspaces)]
-    for name, caption, make in figures:
-        fig = make(result)
+    for name, caption, draw in figures:
+        fig = draw(result)
         blocks.append((caption, None if fig is None else (name, fig)))
     for model in result["models"]:
         blocks.append((f"Details: {model}",

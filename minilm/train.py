@@ -120,7 +120,9 @@ def make_step(model_cfg: ModelConfig, train_cfg: TrainConfig, loss=loss_fn, *, d
 
 @functools.cache
 def make_eval(model_cfg: ModelConfig, loss=loss_fn):
-    """jit-compiled mean `loss` of (trainable, frozen) over windows (N, B, T + 1), without noise (key None)."""
+    """jit-compiled mean `loss` of (trainable, frozen) over windows (A, B, T + 1), without noise (key None).
+
+    A here is the number of evaluation batches (`eval_batches`), stacked like a step's micro-batches."""
     def evaluate(trainable, frozen, windows):
         return jax.lax.map(lambda w: loss(trainable, frozen, w, model_cfg), windows).mean()
 

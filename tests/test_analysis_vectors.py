@@ -6,8 +6,9 @@ the unbiased HSIC, the entropy form of Jensen–Shannon) and against properties 
 (CKA(X, X) = 1, invariance to rotation and scaling, JS of equal rows = 0, JS of disjoint rows = ln 2,
 the logit lens's last layer = the model's logits).
 
-Sizes are small and pairwise distinct so that a swapped axis cannot pass: N 9, D 5 / 7, L 2, B 3, H 5,
-T 7 for attention; B 2, T 7, V 11, D 12, H 3, L 2 for the model.
+Sizes are small and pairwise distinct so that a swapped axis cannot pass (letters as declared in
+minilm/__init__.py): M 9 points, D 5 / 7 for geometry; L 2, B 3, H 5, T 7 for attention; B 2, H 3, K 4,
+L 5, T 7, V 11, D 12 for the model.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from minilm.errors import MinilmError
 from minilm.model import forward, init, layer_norm
 from minilm.tokenizer import Tokenizer
 
-N, D1, D2 = 9, 5, 7
+M, D1, D2 = 9, 5, 7
 LN2 = math.log(2.0)
 
 
-def random_rows(seed: int, n: int = N, d: int = D1) -> np.ndarray:
+def random_rows(seed: int, n: int = M, d: int = D1) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, d))
 
 
@@ -125,7 +126,7 @@ def test_cosine_matrix_matches_loop_and_zero_rows_give_zero():
     x = random_rows(0)
     x[3] = 0.0
     c = geometry.cosine_matrix(jnp.asarray(x, jnp.float32))  # jax input, float32
-    assert c.dtype == np.float64 and c.shape == (N, N) and not np.isnan(c).any()
+    assert c.dtype == np.float64 and c.shape == (M, M) and not np.isnan(c).any()
     x32 = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
     want = np.array([[ref_cosine(u, v) for v in x32] for u in x32])
     np.testing.assert_allclose(c, want, atol=1e-12)
@@ -143,14 +144,14 @@ def test_distance_matrix_matches_loop():
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
 def test_nearest_neighbours_matches_sorting(metric):
     x = random_rows(2)
-    labels = [f"w{i}" for i in range(N)]
+    labels = [f"w{i}" for i in range(M)]
     got = geometry.nearest_neighbours(x, labels, k=4, metric=metric)
     for i, label in enumerate(labels):
         if metric == "cosine":
-            scored = sorted(((-ref_cosine(x[i], x[j]), j) for j in range(N) if j != i))
+            scored = sorted(((-ref_cosine(x[i], x[j]), j) for j in range(M) if j != i))
             want = [(labels[j], -s) for s, j in scored[:4]]
         else:
-            scored = sorted(((ref_distance(x[i], x[j]), j) for j in range(N) if j != i))
+            scored = sorted(((ref_distance(x[i], x[j]), j) for j in range(M) if j != i))
             want = [(labels[j], s) for s, j in scored[:4]]
         assert [w for w, _ in got[label]] == [w for w, _ in want]
         np.testing.assert_allclose([s for _, s in got[label]], [s for _, s in want], atol=1e-12)
@@ -159,16 +160,16 @@ def test_nearest_neighbours_matches_sorting(metric):
 def test_nearest_neighbours_rejects_bad_input():
     x = random_rows(3)
     with pytest.raises(MinilmError, match="distinct labels"):
-        geometry.nearest_neighbours(x, ["a"] * N)
+        geometry.nearest_neighbours(x, ["a"] * M)
     with pytest.raises(MinilmError, match="labels for"):
         geometry.nearest_neighbours(x, ["a", "b"])
     with pytest.raises(MinilmError, match="metric"):
-        geometry.nearest_neighbours(x, [str(i) for i in range(N)], metric="manhattan")
+        geometry.nearest_neighbours(x, [str(i) for i in range(M)], metric="manhattan")
 
 
 def test_pair_report_matches_loop_and_skips_missing_words():
     x = random_rows(4)
-    labels = [f"w{i}" for i in range(N)]
+    labels = [f"w{i}" for i in range(M)]
     report = geometry.pair_report(x, labels, [("w0", "w5"), ("w1", "absent"), ("w8", "w2")])
     assert [(r["a"], r["b"]) for r in report] == [("w0", "w5"), ("w8", "w2")]
     for r in report:
@@ -205,16 +206,16 @@ def test_linear_cka_of_unrelated_small_samples_is_below_one_and_debiased_is_lowe
     x, y = random_rows(12, d=D1), random_rows(13, d=D2)
     linear = geometry.linear_cka(x, y)
     assert 0.0 < linear < 1.0
-    assert geometry.debiased_cka(x, y) < linear  # the bias of the plain estimator at small N
+    assert geometry.debiased_cka(x, y) < linear  # the bias of the plain estimator at small M
 
 
 def test_cka_rejects_bad_input():
     with pytest.raises(MinilmError, match="at least 4"):
         geometry.debiased_cka(random_rows(14, n=3), random_rows(15, n=3))
     with pytest.raises(MinilmError, match="same inputs"):
-        geometry.linear_cka(random_rows(16, n=N), random_rows(17, n=N - 1))
+        geometry.linear_cka(random_rows(16, n=M), random_rows(17, n=M - 1))
     with pytest.raises(MinilmError, match="constant"):
-        geometry.linear_cka(np.ones((N, D1)), random_rows(18))
+        geometry.linear_cka(np.ones((M, D1)), random_rows(18))
 
 
 @pytest.mark.parametrize("debiased", [False, True])
@@ -251,7 +252,7 @@ def test_well_separated_clusters_score_near_perfect():
 
 def test_cluster_scores_need_two_clusters():
     with pytest.raises(MinilmError, match="2 distinct labels"):
-        geometry.silhouette(random_rows(32), ["a"] * N)
+        geometry.silhouette(random_rows(32), ["a"] * M)
     with pytest.raises(MinilmError, match="at least 2 points"):
         geometry.within_between_ratio(random_rows(33, n=3), ["a", "b", "c"])
 
@@ -316,7 +317,7 @@ def test_attention_change_of_identical_probs_is_zero():
 
 # ---------------------------------------------------------------- logit lens
 
-V, CONTEXT, WIDTH, LAYERS, HEADS = 11, 13, 12, 2, 3
+V, CONTEXT, WIDTH, LAYERS, HEADS = 11, 13, 12, 5, 3  # head size K = 4
 CFG = ModelConfig(vocab_size=V, context=CONTEXT, width=WIDTH, layers=LAYERS, heads=HEADS)
 TOKENIZER = Tokenizer("char", tuple("abcdefghijk"))
 
@@ -347,7 +348,7 @@ def test_logit_lens_first_layer_unembeds_the_embeddings(lens_run):
     ln = {k: np.asarray(v, np.float64) for k, v in params["ln_f"].items()}
     normed = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * ln["scale"] + ln["bias"]
     np.testing.assert_allclose(lens_logits[0], normed @ p["tok"].T, rtol=1e-4, atol=1e-4)
-    # the middle entry is block 0's output, read the same way
+    # entry 1 is block 0's output, read the same way
     np.testing.assert_allclose(lens_logits[1], layer_norm(lens_run[3]["resid_post"][0], params["ln_f"])
                                @ params["embed"]["tok"].T, rtol=1e-6, atol=1e-6)
 

@@ -12,7 +12,8 @@ measures describe it:
 
 Both are in nats. 0·ln 0 = 0, so the zeros of a causal mask (key s > query t) contribute nothing.
 
-Axes: L layers, B batch, H heads, T query positions, S key positions.
+Shapes use the axis letters of minilm/__init__.py: L layers, B batch, H heads, T query positions,
+S key positions.
 """
 
 from __future__ import annotations

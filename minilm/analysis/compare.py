@@ -11,6 +11,9 @@
 Tuned models arrive as plain parameter trees (a LoRA model merged first, so "what changed" is
 W' - W0 whichever way it was trained); adapters' A matrices may come along for the subspace
 similarity of Hu et al. §7.2. This module reads checkpoints' arrays only: it never imports `lora`.
+
+Shapes use the axis letters of minilm/__init__.py; the probe's context windows are the batch B, and
+M counts the probe words whose vectors are compared.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ class Probe:
     pairs: tuple[tuple[str, str], ...]          # pairs a fine-tuning corpus binds
     controls: tuple[tuple[str, str], ...]       # pairs it never binds
     sentences: tuple[str, ...]                  # for attention maps and the logit lens
-    windows: np.ndarray                         # (N, T) token ids: the contexts vectors are read in
+    windows: np.ndarray                         # (B, T) token ids: the contexts vectors are read in
 
 
 def make_probe(tokenizer: Tokenizer, cfg: ModelConfig, *, corpus: Corpus | None = None, words=(),
@@ -55,7 +58,7 @@ def make_probe(tokenizer: Tokenizer, cfg: ModelConfig, *, corpus: Corpus | None 
     """The probe set: the corpus's ground truth (groups, pairs, probe sentences) plus what is asked for.
 
     Contexts are windows cut from the corpus text (or, without a corpus, from the sentences), at most
-    `max_tokens` tokens in all: traces hold (L, N, H, T, T) attention, which grows fast with T.
+    `max_tokens` tokens in all: traces hold (L, B, H, T, T) attention, which grows fast with T.
     """
     groups = {k: tuple(v) for k, v in (corpus.groups.items() if corpus else ())}
     asked = list(dict.fromkeys([*words, *(w for g in groups.values() for w in g),
@@ -74,8 +77,8 @@ def make_probe(tokenizer: Tokenizer, cfg: ModelConfig, *, corpus: Corpus | None 
     T = cfg.context
     if len(ids) < T:
         ids = np.resize(ids, T)  # a short probe text repeats to fill one window
-    n = max(1, min(max_tokens // T, len(ids) // T))
-    windows = ids[: n * T].reshape(n, T)  # (N, T)
+    B = max(1, min(max_tokens // T, len(ids) // T))
+    windows = ids[: B * T].reshape(B, T)  # (B·T,) -> (B, T)
     keep = lambda g: tuple(w for w in g if w in tokenizer.index)  # noqa: E731
     return Probe(tuple(known), missing, {k: keep(v) for k, v in groups.items() if len(keep(v)) >= 2},
                  tuple(p for p in (corpus.pairs if corpus else ()) if all(w in tokenizer.index for w in p)),
@@ -122,25 +125,25 @@ def adapter_similarity(a1: dict, a2: dict) -> dict:
 # ---------------------------------------------------------------- vectors
 
 
-def _states(params, windows, cfg):
-    """Hidden states at every layer boundary (L+1, N, T, D) and attention probabilities (L, N, H, T, T)."""
+def _hidden_states(params, windows, cfg):
+    """Hidden states at every layer boundary (L+1, B, T, D) and attention probabilities (L, B, H, T, T)."""
     _, trace = forward(params, windows, cfg, trace=True)
     states = np.concatenate([np.asarray(trace["resid_pre"][:1]), np.asarray(trace["resid_post"])])
     return states, np.asarray(trace["attn_probs"])
 
 
 def word_vectors(states: np.ndarray, windows: np.ndarray, ids: list[int]) -> np.ndarray:
-    """Per layer, each word's hidden state averaged over all its occurrences: (L+1, W, D); NaN if absent."""
+    """Per layer, each word's hidden state averaged over all its occurrences: (L+1, M, D); NaN if absent."""
     out = np.full((states.shape[0], len(ids), states.shape[-1]), np.nan)
     for j, i in enumerate(ids):
-        where = windows == i  # (N, T)
+        where = windows == i  # (B, T)
         if where.any():
             out[:, j] = states[:, where].mean(axis=1)
     return out
 
 
-def _geometry(x: np.ndarray, probe: Probe, words: list[str]) -> dict:
-    """Pairs, controls and cluster scores of one set of word vectors x (W, D)."""
+def _word_geometry(x: np.ndarray, probe: Probe, words: list[str]) -> dict:
+    """Pairs, controls and cluster scores of one set of word vectors x (M, D)."""
     present = [w for w, row in zip(words, x) if not np.isnan(row).any()]
     rows = np.array([x[words.index(w)] for w in present])
     out = {"pairs": geometry.pair_report(rows, present, probe.pairs),
@@ -156,12 +159,14 @@ def _geometry(x: np.ndarray, probe: Probe, words: list[str]) -> dict:
 
 
 def compare_vectors(base: Model, tuned: Model, probe: Probe, tokenizer: Tokenizer, cfg: ModelConfig,
-                    base_run=None) -> dict:
-    """Static embeddings, contextual vectors per layer, CKA, attention and logit lens, base vs tuned."""
+                    base_states=None) -> dict:
+    """Static embeddings, contextual vectors per layer, CKA, attention and logit lens, base vs tuned.
+
+    `base_states`: the base model's `_hidden_states` on the probe, if already computed (compare reuses them)."""
     words = list(probe.words)
     ids = [tokenizer.index[w] for w in words]
-    b_states, b_attn = base_run or _states(base.params, probe.windows, cfg)
-    t_states, t_attn = _states(tuned.params, probe.windows, cfg)
+    b_states, b_attn = base_states or _hidden_states(base.params, probe.windows, cfg)
+    t_states, t_attn = _hidden_states(tuned.params, probe.windows, cfg)
     static_b = np.asarray(base.params["embed"]["tok"])[ids]
     static_t = np.asarray(tuned.params["embed"]["tok"])[ids]
     out = {"static": {
@@ -171,30 +176,30 @@ def compare_vectors(base: Model, tuned: Model, probe: Probe, tokenizer: Tokenize
         "neighbours_base": geometry.nearest_neighbours(np.asarray(base.params["embed"]["tok"]), tokenizer.vocab, k=5),
         "neighbours_tuned": geometry.nearest_neighbours(np.asarray(tuned.params["embed"]["tok"]), tokenizer.vocab,
                                                         k=5),
-        "base": _geometry(static_b, probe, words), "tuned": _geometry(static_t, probe, words)}}
+        "base": _word_geometry(static_b, probe, words), "tuned": _word_geometry(static_t, probe, words)}}
     ctx_b, ctx_t = word_vectors(b_states, probe.windows, ids), word_vectors(t_states, probe.windows, ids)
-    out["contextual"] = [{"layer": layer, "base": _geometry(ctx_b[layer], probe, words),
-                          "tuned": _geometry(ctx_t[layer], probe, words),
+    out["contextual"] = [{"layer": layer, "base": _word_geometry(ctx_b[layer], probe, words),
+                          "tuned": _word_geometry(ctx_t[layer], probe, words),
                           "mean_shift": float(np.nanmean(np.linalg.norm(ctx_t[layer] - ctx_b[layer], axis=-1)))}
                          for layer in range(ctx_b.shape[0])]
-    # CKA compares the same token positions in both models. Debiased CKA builds (n, n) Gram matrices,
-    # so at most MAX_CKA_ROWS evenly spaced positions take part.
-    n = b_states.shape[1] * b_states.shape[2]
-    rows = np.linspace(0, n - 1, min(n, MAX_CKA_ROWS)).astype(int)
-    flat_b = [s.reshape(n, -1)[rows] for s in b_states]  # per layer (n', D)
-    flat_t = [s.reshape(n, -1)[rows] for s in t_states]
+    # CKA compares the same token positions in both models. Debiased CKA builds (rows, rows) Gram
+    # matrices, so at most MAX_CKA_ROWS evenly spaced positions of the N = B·T take part.
+    N = b_states.shape[1] * b_states.shape[2]
+    rows = np.linspace(0, N - 1, min(N, MAX_CKA_ROWS)).astype(int)
+    flat_b = [s.reshape(N, -1)[rows] for s in b_states]  # per layer (B, T, D) -> (N, D) -> (rows, D)
+    flat_t = [s.reshape(N, -1)[rows] for s in t_states]
     out["cka"] = {"linear": geometry.cka_matrix(flat_b, flat_t).tolist(),
                   "debiased": geometry.cka_matrix(flat_b, flat_t, debiased=True).tolist()}
     change = attention_lib.attention_change(b_attn, t_attn)
     out["attention"] = {k: np.asarray(v).tolist() for k, v in change.items()}
     if probe.sentences:
         sentence = np.asarray(tokenizer.encode(probe.sentences[0]))[None, : cfg.context]
-        out["lens"] = {"sentence": probe.sentences[0], "base": _lens(base.params, sentence, tokenizer, cfg),
-                       "tuned": _lens(tuned.params, sentence, tokenizer, cfg)}
+        out["lens"] = {"sentence": probe.sentences[0], "base": _lens_report(base.params, sentence, tokenizer, cfg),
+                       "tuned": _lens_report(tuned.params, sentence, tokenizer, cfg)}
     return out
 
 
-def _lens(params, tokens, tokenizer, cfg):
+def _lens_report(params, tokens, tokenizer, cfg):
     _, trace = forward(params, tokens, cfg, trace=True)
     logits = lens.logit_lens(params, trace, cfg)
     return {"top": lens.top_predictions(logits, tokenizer, position=tokens.shape[1] - 1, k=3),
@@ -213,12 +218,12 @@ def compare(base: Model, tuned: list[Model], probe: Probe, tokenizer: Tokenizer,
                                          "controls": [list(p) for p in probe.controls],
                                          "sentences": list(probe.sentences), "windows": list(probe.windows.shape)},
               "weights": {}, "vectors": {}, "adapters": {}}
-    base_run = _states(base.params, probe.windows, cfg)
+    base_states = _hidden_states(base.params, probe.windows, cfg)
     for model in tuned:
         progress(f"weights of {model.name}")
         result["weights"][model.name] = compare_weights(base.params, model.params, k=k, epsilon=epsilon)
         progress(f"vectors of {model.name}")
-        result["vectors"][model.name] = compare_vectors(base, model, probe, tokenizer, cfg, base_run)
+        result["vectors"][model.name] = compare_vectors(base, model, probe, tokenizer, cfg, base_states)
     with_adapters = [m for m in tuned if m.adapters]
     for i, m1 in enumerate(with_adapters):
         for m2 in with_adapters[i + 1:]:

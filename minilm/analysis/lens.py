@@ -8,7 +8,8 @@ when the prediction forms (nostalgebraist 2020, "interpreting GPT: the logit len
 a lens, not the model: early layers were never trained to be read this way, so their top tokens are a
 hint, and exact only at the last layer, where the lens is the model's own output.
 
-Axes: L layers, B batch, T positions, D width, V vocabulary.
+Shapes use the axis letters of minilm/__init__.py: L layers, B batch, T positions, D width,
+V vocabulary.
 """
 
 from __future__ import annotations
