@@ -1,17 +1,23 @@
 """The `minilm` command as a user meets it: flags from the configs, files on disk, resume, clear errors."""
 
+import argparse
 import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
+import re
 import time
+import typing
 
 import pytest
 
-from minilm.cli import main
-from minilm.config import DataConfig, ModelConfig, SampleConfig, TrainConfig
+from lora import LoraConfig, parse_spec
+from minilm.cli import bench, build_parser, main
+from minilm.cli.flags import CHOICES, add_config_flags, describe_keys, given
+from minilm.config import DTYPES, DataConfig, ModelConfig, SampleConfig, TrainConfig, option, preset
+from minilm.errors import MinilmError
 
 # A model small enough that a CLI run costs little more than its compilation.
 SMALL = ["--corpus", "arithmetic", "--corpus-size", "300", "--context", "16", "--width", "16", "--layers", "1",
@@ -45,6 +51,115 @@ def test_every_config_field_is_a_documented_flag(capsys):
     text = capsys.readouterr().out
     for flag in flags(SampleConfig) + ["--prompt"]:
         assert flag in text, flag
+
+
+def help_text(capsys, monkeypatch, command) -> str:
+    """`minilm COMMAND --help`, one line per flag (wide enough that argparse breaks no help text)."""
+    monkeypatch.setenv("COLUMNS", "100000")
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_every_lora_field_is_a_documented_lora_key(capsys, monkeypatch):
+    text = help_text(capsys, monkeypatch, "finetune")
+    lora_help = next(line for line in text.splitlines() if line.lstrip().startswith("--lora"))
+    for f in dataclasses.fields(LoraConfig):
+        assert f"{f.name}: {f.metadata['help']}" in lora_help, f.name
+
+
+def spec_text(value) -> str:
+    """A LoraConfig value as --lora writes it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if isinstance(value, dict):
+        return ",".join(f"{k}:{v}" for k, v in value.items())
+    return str(value)
+
+
+def test_lora_spec_reads_every_field_as_its_type():
+    cfg = LoraConfig(rank=3, alpha=6.0, use_rslora=True, dropout=0.25, targets=("attn.q", "mlp.*"),
+                     rank_pattern={"mlp.*": 2, "attn.q": 5}, alpha_pattern={"mlp.*": 1.5}, layers=(0, 2),
+                     init="gaussian", bias="all", modules_to_save=("ln_f", "blocks.*.ln1"), name="style")
+    fields = [f for f in dataclasses.fields(LoraConfig) if getattr(cfg, f.name) is not None]  # None: not spellable
+    parsed = parse_spec(",".join(f"{f.name}={spec_text(getattr(cfg, f.name))}" for f in fields))
+    assert parsed == cfg
+    for f in fields:  # the same type, not only an equal value: alpha=6 is the float 6.0
+        value, want = getattr(parsed, f.name), getattr(cfg, f.name)
+        assert type(value) is type(want), f.name
+        if isinstance(value, (tuple, dict)):
+            assert [type(v) for v in (value.values() if isinstance(value, dict) else value)] == \
+                   [type(v) for v in (want.values() if isinstance(want, dict) else want)], f.name
+    assert parse_spec("use_dora=yes,fuse_qkv=0") == LoraConfig(use_dora=True, fuse_qkv=False)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("rank=2.5", "rank='2.5'; expected an integer"),
+    ("dropout=half", "dropout='half'; expected a number"),
+    ("layers=0,one", "layers='one'; expected an integer"),
+    ("alpha_pattern=attn.q:big", "alpha_pattern[attn.q]='big'; expected a number"),
+    ("use_rslora=on", "use_rslora='on'; expected true or false"),
+    ("targets=attn.q,attn.v,rank_pattern=attn.q:2,3", "rank_pattern entries are pattern:value"),
+])
+def test_lora_spec_values_of_the_wrong_type(spec, message):
+    with pytest.raises(MinilmError, match="^--lora: " + re.escape(message)):
+        parse_spec(spec)
+
+
+def changed_value(cls, name: str, value):
+    """A valid value of field `name` other than `value`: another choice, or twice the number."""
+    if name in CHOICES:
+        return next(v for v in CHOICES[name] if v != value)
+    assert typing.get_type_hints(cls)[name] in (int, "int"), name
+    return 2 * value
+
+
+@pytest.mark.parametrize("cls, names", [(ModelConfig, bench.MODEL_SIZES), (TrainConfig, bench.TRAIN_SIZES)])
+def test_bench_size_flags_are_the_config_fields(cls, names, capsys, monkeypatch):
+    text = help_text(capsys, monkeypatch, "bench")
+    index = 0 if cls is ModelConfig else 1
+    parser = build_parser()
+    for name in names:
+        f = next(f for f in dataclasses.fields(cls) if f.name == name)
+        flag = "--" + name.replace("_", "-")
+        assert re.search(rf"^ +{flag}( \S+)?\s+{re.escape(f.metadata['help'])} \(", text, re.M), flag
+        preset_value = getattr(bench.configs(parser.parse_args(["bench", "--preset", "tiny"]))[index], name)
+        value = changed_value(cls, name, preset_value)
+        args = parser.parse_args(["bench", "--preset", "tiny", flag, str(value)])
+        assert getattr(bench.configs(args)[index], name) == value, name
+    unchanged = bench.configs(parser.parse_args(["bench"]))  # no size flag: the preset's sizes, 65 tokens
+    assert unchanged == (dataclasses.replace(preset("small")[0], vocab_size=65), preset("small")[1])
+    assert "--dtype {" + ",".join(DTYPES) + "}" in text
+
+
+def test_a_new_config_field_is_a_new_flag_and_a_new_lora_key():
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Extended(TrainConfig):
+        label_smoothing: float = option(0.0, "probability spread evenly over the vocabulary")
+
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, Extended, "training")
+    assert "--label-smoothing FLOAT" in parser.format_help()
+    assert given(parser.parse_args(["--label-smoothing", "0.1", "--steps", "7"]), Extended) == {
+        "label_smoothing": 0.1, "steps": 7}
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class ExtendedLora(LoraConfig):
+        weight_decay: float = option(0.0, "decay of A and B")
+
+    assert describe_keys(ExtendedLora).endswith("; weight_decay: decay of A and B")
+
+
+def test_train_dtype_takes_the_config_choices(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--corpus", "arithmetic", "--dtype", "float16", "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--dtype: invalid choice: 'float16'" in err and all(repr(d) in err for d in DTYPES)
+    assert not (tmp_path / "x").exists()
 
 
 def test_train_then_sample_then_resume(capsys, tmp_path):

@@ -116,15 +116,20 @@ def check_inputs(args, model_cfg: ModelConfig, lora_cfg, modes: list[str]) -> No
             raise MinilmError(f"{flag} {path}: the folder {Path(path).parent} does not exist; create it first")
 
 
+def configs(args) -> tuple[ModelConfig, TrainConfig]:
+    """The preset's model and training configs with the size flags given on the command line."""
+    base_model, base_train = preset(args.preset)
+    return (dataclasses.replace(base_model, **given(args, ModelConfig, MODEL_SIZES)),
+            dataclasses.replace(base_train, **given(args, TrainConfig, TRAIN_SIZES)))
+
+
 def run(args) -> int:
     import jax
 
     import lora
     from minilm import bench, checkpoint
 
-    base_model, base_train = preset(args.preset)
-    model_cfg = dataclasses.replace(base_model, **given(args, ModelConfig, MODEL_SIZES))
-    train_cfg = dataclasses.replace(base_train, **given(args, TrainConfig, TRAIN_SIZES))
+    model_cfg, train_cfg = configs(args)
     lora_cfg = lora.parse_spec(args.lora)
     modes = ["full", "lora"] if args.mode == "both" else [args.mode]
     check_inputs(args, model_cfg, lora_cfg, modes)
