@@ -53,7 +53,3 @@ def run_quick(module, out: Path) -> dict:
     assert module.main(["--quick", "--out", str(out)]) == 0
     return json.loads((out / "metrics.json").read_text())
 
-
-def without_timing(metrics: dict) -> dict:
-    """Metrics minus the wall time, which no two runs share."""
-    return {k: v for k, v in metrics.items() if k != "seconds"}

@@ -39,12 +39,3 @@ def test_01_verdicts_are_computed_from_the_metrics(exp01):
         if better["adapters_of"][m]:
             better["losses"][m]["finetune_loss"] = 0.0
     assert module.claims(better, better["losses"])[7]["verdict"] == "false"
-
-
-def test_01_is_reproducible(exp01, tmp_path):
-    module, out = exp01
-    assert module.main(["--quick", "--out", str(tmp_path / "again")]) == 0
-    first = json.loads((out / "metrics.json").read_text())
-    second = json.loads((tmp_path / "again" / "metrics.json").read_text())
-    first.pop("seconds"), second.pop("seconds")
-    assert first == second
