@@ -10,8 +10,10 @@
 Arrays go in safetensors (a header plus raw bytes: no code runs on load, unlike pickle), everything
 else in JSON. A save writes a complete new folder beside the old one and then swaps the two with
 renames, so a kill at any moment leaves a whole checkpoint behind: the old one (possibly still named
-`checkpoint.old`, which `load` falls back to) or the new one. The digests in state.json catch a file
-that was truncated or altered after the save.
+`checkpoint.old`, which `load` falls back to and `recover` renames back) or the new one. The digests
+in state.json catch a file that was truncated or altered after the save. A save refuses weights that
+are not finite, and a load refuses to hand them out: a diverged run never replaces a good checkpoint.
+The folder rules (marks, locks, what --overwrite may replace) are minilm/folders.py's.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from safetensors.numpy import load_file, save_file
 
 from minilm.config import DataConfig, ModelConfig, TrainConfig, from_dict, to_dict
 from minilm.errors import MinilmError
+from minilm.folders import LOCK, lock, mark, release, write_text_atomic  # noqa: F401 (write_text_atomic: re-exported)
 from minilm.model import param_shapes
 from minilm.tokenizer import Tokenizer
 from minilm.train import TrainState, optimizer
@@ -60,21 +63,44 @@ def _write_json(path: Path, data) -> None:
 
 def _fsync_tree(folder: Path) -> None:
     for f in folder.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
 
 
 def staging_dir(path: Path) -> Path:
-    """An empty folder beside `path` to build its next version in (clearing one a killed write left)."""
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    """An empty folder beside `path` to build its next version in, locked by this process (folders.lock).
+
+    A `NAME.tmp` left by a killed write is cleared first; one that another process is writing is refused,
+    and so is one minilm did not make (neither empty nor holding minilm's lock file)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.is_symlink() or (tmp.exists() and not tmp.is_dir()):
+        raise MinilmError(f"{tmp} is in the way: minilm builds {path.name} there; move it away")
+    if tmp.is_dir():
+        contents = {f.name for f in tmp.iterdir()}
+        if contents and LOCK not in contents:
+            raise MinilmError(f"{tmp} exists and was not made by minilm; minilm builds {path.name} there and "
+                              f"never deletes what it did not write: move it away")
+        if contents:
+            lock(tmp)  # refuses if another process is writing it; otherwise a killed write's leftovers
+        shutil.rmtree(tmp)
+        release(tmp)
     tmp.mkdir(parents=True)
+    lock(tmp)
     return tmp
 
 
 def swap_in(tmp: Path, path: Path) -> None:
     """Replace folder `path` by the complete folder `tmp` with two renames; a kill in between leaves
-    the old version whole as `path.old`, which `resolve` falls back to."""
+    the old version whole as `path.old`, which `resolve` falls back to. A symlinked `path` is followed:
+    the folder it points to is replaced, and the link stays. The lock staging_dir took is given up."""
+    path = Path(path)
+    (tmp / LOCK).unlink(missing_ok=True)
+    release(tmp)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+        tmp = tmp.rename(path.with_name(tmp.name))  # beside the real folder, so the renames stay on one disk
     old = path.with_name(path.name + ".old")
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -83,14 +109,23 @@ def swap_in(tmp: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` so that a reader (or a crash) sees the old file or the new, never half."""
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def recover(path: Path) -> bool:
+    """A checkpoint folder whose save was killed between its two renames (only `NAME.old` is left) is
+    renamed back into place. True if it was."""
+    path = Path(path)
+    old = path.with_name(path.name + ".old")
+    if not path.exists() and not path.is_symlink() and old.is_dir():
+        old.rename(path)
+        return True
+    return False
+
+
+def _check_finite(arrays: dict[str, np.ndarray], what: str) -> None:
+    for name, x in arrays.items():
+        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+            bad = "nan" if np.isnan(x).any() else "inf"
+            raise MinilmError(f"{what}: tensor {name} holds non-finite values ({bad}): training diverged "
+                              f"(learning rate too high, or a non-finite setting); use an earlier checkpoint")
 
 
 def key_to_json(key: jax.Array) -> list[int]:
@@ -103,28 +138,50 @@ def key_from_json(data) -> jax.Array:
 
 def save(path: Path, *, params, opt_state, model_cfg: ModelConfig, train_cfg: TrainConfig,
          data_cfg: DataConfig, tokenizer: Tokenizer, state: dict) -> None:
-    """Write the checkpoint folder `path` atomically (see the module docstring)."""
+    """Write the checkpoint folder `path` atomically (see the module docstring); refuse non-finite weights.
+    If the write fails (disk full, no permission), only its own temporary folder is removed."""
     path = Path(path)
+    arrays = {k: np.asarray(v) for k, v in named_leaves(params).items()}
+    moments = {k: np.asarray(v) for k, v in named_leaves(opt_state).items()}
+    _check_finite(arrays, f"not saving {path}")
+    _check_finite(moments, f"not saving {path} (optimizer state)")
     tmp = staging_dir(path)
-    save_file({k: np.asarray(v) for k, v in named_leaves(params).items()}, tmp / "model.safetensors")
-    save_file({k: np.asarray(v) for k, v in named_leaves(opt_state).items()}, tmp / "optimizer.safetensors")
-    _write_json(tmp / "config.json", {"model": to_dict(model_cfg), "train": to_dict(train_cfg),
-                                      "data": to_dict(data_cfg)})
-    tokenizer.save(tmp / "tokenizer.json")
-    _write_json(tmp / "state.json", {**state, "sha256": {f: _sha256(tmp / f) for f in ARRAY_FILES}})
-    _fsync_tree(tmp)
+    try:
+        save_file(arrays, tmp / "model.safetensors")
+        save_file(moments, tmp / "optimizer.safetensors")
+        _write_json(tmp / "config.json", {"model": to_dict(model_cfg), "train": to_dict(train_cfg),
+                                          "data": to_dict(data_cfg)})
+        tokenizer.save(tmp / "tokenizer.json")
+        _write_json(tmp / "state.json", {**state, "sha256": {f: _sha256(tmp / f) for f in ARRAY_FILES}})
+        mark(tmp, "checkpoint")
+        _fsync_tree(tmp)
+    except (OSError, SafetensorError, MinilmError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = getattr(e, "strerror", None) or str(e)
+        before = "the previous checkpoint there is intact" if _complete(path) else "nothing was saved"
+        raise MinilmError(f"could not save {path} ({reason}); {before}") from None
     swap_in(tmp, path)
+
+
+def _complete(path: Path) -> bool:
+    try:
+        return (resolve(path) / "state.json").is_file()
+    except MinilmError:
+        return False
 
 
 def resolve(path: Path) -> Path:
     """A run folder (holding checkpoint/) or a checkpoint folder -> the checkpoint folder to read."""
     path = Path(path)
-    if (path / "checkpoint").is_dir() or (path / "checkpoint.old").is_dir():
+    if any((path / name).is_dir() for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp")):
         path = path / "checkpoint"
     if not path.is_dir():
         old = path.with_name(path.name + ".old")
         if old.is_dir():
             return old  # a save was killed between its two renames
+        if path.with_name(path.name + ".tmp").is_dir():
+            raise MinilmError(f"no checkpoint was completed yet in {path.parent}: the first save was interrupted "
+                              f"(only the partial {path.name}.tmp is there); start the run again without --resume")
         raise MinilmError(f"checkpoint folder {str(path)!r} does not exist; give a folder written by "
                           f"`minilm train --out DIR` (DIR or DIR/checkpoint)")
     return path
@@ -167,6 +224,7 @@ def load(path: Path) -> Checkpoint:
                           f"vocab_size = {model_cfg.vocab_size}")
     digests = state.pop("sha256", {})
     arrays = _read_arrays(path / "model.safetensors", digests.get("model.safetensors"))
+    _check_finite(arrays, f"{path}/model.safetensors")
     params = fill(param_shapes(model_cfg), arrays, f"{path}/model.safetensors")
     params = jax.tree.map(jax.numpy.asarray, params)
     optimizer = _read_arrays(path / "optimizer.safetensors", digests.get("optimizer.safetensors"))
