@@ -6,7 +6,8 @@ batch and head for the attention, so no einsum string is shared with the library
 exactly (causality, cached == uncached, unwritten cache slots are invisible).
 
 Sizes are small and pairwise distinct, so a swapped axis cannot pass:
-    B 2, T 7 (or 5, 3), H 3, K 4, D 12, F 48, V 11, L 2, context 13.
+    B 3, T 7, H 4, K 5, D 20, F 80, V 11, L 2, context 13; elsewhere T 6 against S 9 keys, a prefill of
+    P 6, cached chunks of 2 and 5, and query blocks of T 1, 13, 16, 20.
 The parameters are not init's (whose 0.02-scale weights make every layer nearly the identity and every
 attention row nearly uniform) but random values of order one, with non-zero biases and LayerNorm
 shifts, so every term of the forward pass visibly moves the output.
@@ -14,6 +15,7 @@ shifts, so every term of the forward pass visibly moves the output.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -31,9 +33,9 @@ from minilm.model import empty_cache, forward, forward_cached, init, param_shape
 from minilm.train import cross_entropy, loss_fn
 from minilm.tree import named_leaves, partition
 
-B, T, H, K, V, L, CONTEXT = 2, 7, 3, 4, 11, 2, 13
-D = H * K  # 12
-F = 4 * D  # 48
+B, T, H, K, V, L, CONTEXT = 3, 7, 4, 5, 11, 2, 13
+D = H * K  # 20
+F = 4 * D  # 80
 CFG = ModelConfig(vocab_size=V, context=CONTEXT, width=D, heads=H, layers=L, mlp_ratio=4)
 
 FORWARD = jax.jit(forward, static_argnames=("cfg", "trace"))
@@ -162,6 +164,21 @@ def test_attention_probs_rows_sum_to_one_and_masked_are_exactly_zero(qkv):
     assert np.all(probs[..., ~future] > 0.0)
 
 
+@functools.partial(jax.jit, static_argnames="block")
+def blocked_with_vjp(q, k, v, cotangent, block):
+    """causal_self_attention's out, probs and the vjp of out, compiled once per (T, block): run op by op,
+    a 20-block attention dispatches (and compiles) hundreds of small operations."""
+    out, probs = causal_self_attention(q, k, v, block)
+    return out, probs, jax.vjp(lambda *a: causal_self_attention(*a, block)[0], q, k, v)[1](cotangent)
+
+
+@jax.jit
+def plain_vjp(q, k, v, cotangent):
+    positions = jnp.arange(q.shape[1])
+    plain = lambda q, k, v: attend(attention_probs(q, k, causal_mask(positions, positions)), v)  # noqa: E731
+    return jax.vjp(plain, q, k, v)[1](cotangent)
+
+
 @pytest.mark.parametrize("T_, block", [(1, 64), (7, 64), (13, 4), (13, 5), (16, 4), (20, 1)])
 def test_blocked_causal_attention_equals_the_plain_one_and_numpy(T_, block):
     # causal_self_attention skips the masked half in query blocks; it must be the same attention:
@@ -169,18 +186,13 @@ def test_blocked_causal_attention_equals_the_plain_one_and_numpy(T_, block):
     # as the plain path. Block sizes that divide T, that do not, of 1, and larger than T.
     rng = np.random.default_rng(T_ * 100 + block)
     q, k, v = (jnp.asarray(rng.normal(size=(B, T_, H, K)), jnp.float32) for _ in range(3))
-    out, probs = causal_self_attention(q, k, v, block)
+    cotangent = jnp.asarray(rng.normal(size=(B, T_, H, K)), jnp.float32)
+    out, probs, grads = blocked_with_vjp(q, k, v, cotangent, block)
     want_out, want_probs = np_causal_attention(*(np.asarray(x, np.float64) for x in (q, k, v)))
     np.testing.assert_allclose(probs, want_probs, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-6)
     assert np.all(np.asarray(probs)[..., np.triu(np.ones((T_, T_), bool), k=1)] == 0.0)
-
-    positions = jnp.arange(T_)
-    plain = lambda q, k, v: attend(attention_probs(q, k, causal_mask(positions, positions)), v)
-    cotangent = jnp.asarray(rng.normal(size=(B, T_, H, K)), jnp.float32)
-    grads = jax.vjp(lambda *a: causal_self_attention(*a, block)[0], q, k, v)[1](cotangent)
-    want_grads = jax.vjp(plain, q, k, v)[1](cotangent)
-    for got, want in zip(grads, want_grads):
+    for got, want in zip(grads, plain_vjp(q, k, v, cotangent)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -192,16 +204,16 @@ def test_causal_mask_with_offset_queries_and_more_keys():
 
 
 def test_attention_with_fewer_queries_than_keys():
-    # T = 3 queries at positions 2..4 against S = 5 keys: a swapped T/S axis cannot pass.
+    # T = 6 queries at positions 3..8 against S = 9 keys: a swapped T/S axis cannot pass.
     rng = np.random.default_rng(4)
-    q = rng.normal(size=(B, 3, H, K))
-    k, v = rng.normal(size=(B, 5, H, K)), rng.normal(size=(B, 5, H, K))
-    qp, kp = np.arange(2, 5), np.arange(5)
+    q = rng.normal(size=(B, 6, H, K))
+    k, v = rng.normal(size=(B, 9, H, K)), rng.normal(size=(B, 9, H, K))
+    qp, kp = np.arange(3, 9), np.arange(9)
     f32 = lambda x: jnp.asarray(x, jnp.float32)
     probs = attention_probs(f32(q), f32(k), causal_mask(jnp.asarray(qp), jnp.asarray(kp)))
     out = attend(probs, f32(v))
     want_out, want_probs = np_causal_attention(q, k, v, qp, kp)
-    assert probs.shape == (B, H, 3, 5)
+    assert probs.shape == (B, H, 6, 9)
     np.testing.assert_allclose(probs, want_probs, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-6)
 
@@ -256,7 +268,7 @@ def test_causality(params, tokens):
 
 
 def test_gradients_match_finite_differences(params):
-    windows = jnp.asarray(np.random.default_rng(5).integers(0, V, (B, 6)), jnp.int32)  # T = 5
+    windows = jnp.asarray(np.random.default_rng(5).integers(0, V, (B, 7)), jnp.int32)  # T = 6
     with jax.enable_x64(True):
         p64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
         trainable, frozen = partition(p64, lambda name: True)  # everything trainable, frozen all None
@@ -364,7 +376,7 @@ def test_init_is_deterministic_per_key():
 # ---------------------------------------------------------------- the key/value cache
 
 
-@pytest.mark.parametrize("chunks", [(3, 4), (1, 1, 1, 1, 1, 1, 1)])
+@pytest.mark.parametrize("chunks", [(2, 5), (1, 1, 1, 1, 1, 1, 1)])
 def test_forward_cached_in_chunks_equals_forward(params, tokens, chunks):
     full = FORWARD(params, tokens, cfg=CFG)
     cache, start, pieces = empty_cache(CFG, B), 0, []
@@ -381,7 +393,7 @@ def test_unwritten_cache_slots_are_invisible(params, tokens):
     # Garbage in the slots not yet written must not change anything: the mask hides them exactly.
     rng = np.random.default_rng(11)
     garbage = [{n: jnp.asarray(rng.normal(size=c[n].shape), jnp.float32) for n in c} for c in empty_cache(CFG, B)]
-    P = 3
+    P = 6
     logits_zero, _ = FORWARD_CACHED(params, tokens[:, :P], CFG, empty_cache(CFG, B), 0)
     logits_garbage, cache = FORWARD_CACHED(params, tokens[:, :P], CFG, garbage, 0)
     np.testing.assert_array_equal(logits_garbage, logits_zero)
