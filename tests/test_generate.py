@@ -5,7 +5,7 @@ generation must equal a plain Python loop over `forward` that takes the argmax. 
 against sets and distributions computed in NumPy: top-k against argsort, top-p against the smallest
 set reaching p, and the sampled frequencies against softmax(logits / temperature), over many keys.
 
-Sizes are small and pairwise distinct: B 2, P 3, H 3, K 4, D 12, V 11, L 2, context 13. The parameters
+Sizes are small and pairwise distinct: B 5, P 6, H 3, K 4, D 12, V 11, L 2, context 13, 7 new tokens. The parameters
 are random values of order one rather than init's (which predict a nearly uniform next token), so the
 greedy choices have clear margins and cannot flip on a rounding difference; the loop oracle asserts so.
 """
@@ -25,9 +25,9 @@ from minilm.errors import MinilmError
 from minilm.generate import generate, pick
 from minilm.model import forward, init
 
-B, P, H, K, V, L, CONTEXT = 2, 3, 3, 4, 11, 2, 13
+B, P, H, K, V, L, CONTEXT = 5, 6, 3, 4, 11, 2, 13
 CFG = ModelConfig(vocab_size=V, context=CONTEXT, width=H * K, heads=H, layers=L)
-FILL = CONTEXT - P  # max_new_tokens that fills the context exactly
+FILL = CONTEXT - P  # 7: max_new_tokens that fills the context exactly
 
 FORWARD = jax.jit(forward, static_argnames=("cfg",))
 
@@ -102,8 +102,10 @@ def test_sampling_depends_on_key(params, prompt):
 
 @pytest.fixture(scope="module")
 def logits():
-    """Two rows with different orderings, so a threshold computed for the wrong row shows."""
-    return jnp.asarray(np.random.default_rng(9).normal(0.0, 1.5, (B, V)), jnp.float32)
+    """Five rows with different orderings, so a threshold computed for the wrong row shows."""
+    # Spread 1.2, not more: at 1.5 two of the five rows have a token of probability 0.8, whose nucleus at
+    # p = 0.7 would be that token alone, and top-p would be tested on nothing.
+    return jnp.asarray(np.random.default_rng(9).normal(0.0, 1.2, (B, V)), jnp.float32)
 
 
 def sample_many(logits, count, temperature, top_k=0, top_p=1.0, seed=10):
