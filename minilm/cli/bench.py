@@ -44,7 +44,8 @@ def add_parser(commands) -> None:
                    help="skip timing the step's parts (the loss alone, + gradients, + optimizer update), which "
                         "compiles each part separately")
     p.add_argument("--sweep", action="store_true", help="also time LoRA/full across --sweep-widths and --sweep-ranks")
-    p.add_argument("--sweep-widths", default="128,256,384", metavar="W1,W2", help="widths for --sweep (default: 128,256,384)")
+    p.add_argument("--sweep-widths", default="128,256,384", metavar="W1,W2",
+                   help="widths for --sweep (default: 128,256,384)")
     p.add_argument("--sweep-ranks", default="1,8,64", metavar="R1,R2", help="ranks for --sweep (default: 1,8,64)")
     p.add_argument("--plot", default="bench_ratio.png", metavar="PATH",
                    help="where --sweep draws LoRA/full time against rank and width (default: bench_ratio.png)")
@@ -137,7 +138,8 @@ def run(args) -> int:
     print(f"minilm bench: width {model_cfg.width}, {model_cfg.layers} layers, {model_cfg.heads} heads, context "
           f"{model_cfg.context}, vocabulary {model_cfg.vocab_size}; batch {train_cfg.batch_size} x "
           f"{train_cfg.grad_accum} = {train_cfg.batch_size * train_cfg.grad_accum * model_cfg.context:,} tokens per "
-          f"step; {train_cfg.dtype}; {jax.device_count()} {jax.default_backend()} device(s), {os.cpu_count()} CPU cores")
+          f"step; {train_cfg.dtype}; {jax.device_count()} {jax.default_backend()} device(s), "
+          f"{os.cpu_count()} CPU cores")
     peak, bandwidth = bench.matmul_peak(), bench.memory_bandwidth()
     print(f"measured here: matmul peak {peak / 1e9:,.0f} GFLOP/s (1024^3 float32), memory {bandwidth / 1e9:,.1f} GB/s")
     result = {"machine": {"cpu_count": os.cpu_count(), "backend": jax.default_backend(), "jax": jax.__version__,
@@ -191,11 +193,12 @@ def sweep(args, model_cfg, train_cfg, lora_cfg, peak, bandwidth) -> list[dict]:
                 case = lora.train_step_case(cfg, train_cfg, sweep_adapter(lora_cfg, rank))
                 low = bench.describe(case, case.run(args.steps), peak, bandwidth)
                 r = bench.ratios(full, low)
-                rows.append({"width": width, "rank": rank, "full_ms": full["ms_per_step"], "lora_ms": low["ms_per_step"],
-                             "time_ratio": r["time"], "flop_ratio": r["model_flops"],
+                rows.append({"width": width, "rank": rank, "full_ms": full["ms_per_step"],
+                             "lora_ms": low["ms_per_step"], "time_ratio": r["time"], "flop_ratio": r["model_flops"],
                              "predicted_ratio": r["predicted_time"]})
                 bar.update(1)
-    print(f"{'width':>6} {'rank':>5} {'full ms':>9} {'LoRA ms':>9} {'time ratio':>11} {'FLOP ratio':>11} {'roofline':>9}")
+    print(f"{'width':>6} {'rank':>5} {'full ms':>9} {'LoRA ms':>9} {'time ratio':>11} {'FLOP ratio':>11} "
+          f"{'roofline':>9}")
     for r in rows:
         print(f"{r['width']:>6} {r['rank']:>5} {r['full_ms']:>9.1f} {r['lora_ms']:>9.1f} {r['time_ratio']:>11.2f} "
               f"{r['flop_ratio']:>11.2f} {r['predicted_ratio']:>9.2f}")
