@@ -28,7 +28,7 @@ keeps merged and unmerged models identical.
 
 With `fuse_qkv` (lora/config.py) a block's q, k and v adapters share one A, which is LoRA on the
 stacked [W_q W_k W_v]. The first adapted one of them owns the A; the others say whose it is
-(`a_from="q"`): it is trained once, and `lora.adapter.tie` fills it in.
+(`a_from="q"`): it is trained once, and `lora.stack.fill_shared_a` fills it in.
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ class Checkpoint:
     state: dict              # step, data_cursor, key (as a list of uint32)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -120,7 +120,18 @@ def recover(path: Path) -> bool:
     return False
 
 
-def _check_finite(arrays: dict[str, np.ndarray], what: str) -> None:
+def fingerprint(params) -> str:
+    """SHA-256 over every parameter's name, dtype, shape and bytes: which model this is, exactly."""
+    digest = hashlib.sha256()
+    for name, x in sorted(named_leaves(params).items()):
+        x = np.ascontiguousarray(np.asarray(x))
+        digest.update(f"{name}:{x.dtype}:{x.shape};".encode())
+        digest.update(x.tobytes())
+    return digest.hexdigest()
+
+
+def check_finite(arrays: dict[str, np.ndarray], what: str) -> None:
+    """Raise a MinilmError naming the first tensor that holds nan or inf."""
     for name, x in arrays.items():
         if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
             bad = "nan" if np.isnan(x).any() else "inf"
@@ -143,8 +154,8 @@ def save(path: Path, *, params, opt_state, model_cfg: ModelConfig, train_cfg: Tr
     path = Path(path)
     arrays = {k: np.asarray(v) for k, v in named_leaves(params).items()}
     moments = {k: np.asarray(v) for k, v in named_leaves(opt_state).items()}
-    _check_finite(arrays, f"not saving {path}")
-    _check_finite(moments, f"not saving {path} (optimizer state)")
+    check_finite(arrays, f"not saving {path}")
+    check_finite(moments, f"not saving {path} (optimizer state)")
     tmp = staging_dir(path)
     try:
         save_file(arrays, tmp / "model.safetensors")
@@ -152,7 +163,7 @@ def save(path: Path, *, params, opt_state, model_cfg: ModelConfig, train_cfg: Tr
         _write_json(tmp / "config.json", {"model": to_dict(model_cfg), "train": to_dict(train_cfg),
                                           "data": to_dict(data_cfg)})
         tokenizer.save(tmp / "tokenizer.json")
-        _write_json(tmp / "state.json", {**state, "sha256": {f: _sha256(tmp / f) for f in ARRAY_FILES}})
+        _write_json(tmp / "state.json", {**state, "sha256": {f: file_sha256(tmp / f) for f in ARRAY_FILES}})
         mark(tmp, "checkpoint")
         _fsync_tree(tmp)
     except (OSError, SafetensorError, MinilmError) as e:
@@ -199,7 +210,7 @@ def _read_json(path: Path, what: str):
 def _read_arrays(path: Path, digest: str | None) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise MinilmError(f"{path} is missing: the checkpoint is incomplete")
-    if digest is not None and _sha256(path) != digest:
+    if digest is not None and file_sha256(path) != digest:
         raise MinilmError(f"{path} does not match the SHA-256 recorded in state.json: the file was "
                           f"truncated or altered after it was saved; use another checkpoint")
     try:
@@ -224,7 +235,7 @@ def load(path: Path) -> Checkpoint:
                           f"vocab_size = {model_cfg.vocab_size}")
     digests = state.pop("sha256", {})
     arrays = _read_arrays(path / "model.safetensors", digests.get("model.safetensors"))
-    _check_finite(arrays, f"{path}/model.safetensors")
+    check_finite(arrays, f"{path}/model.safetensors")
     params = fill(param_shapes(model_cfg), arrays, f"{path}/model.safetensors")
     params = jax.tree.map(jax.numpy.asarray, params)
     optimizer = _read_arrays(path / "optimizer.safetensors", digests.get("optimizer.safetensors"))

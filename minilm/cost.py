@@ -15,8 +15,8 @@ so pulls the time ratio further towards 1 (`elementwise_bytes`: an estimate of t
 
 This file knows nothing of LoRA: an adapter is a site name, a rank and the products it adds, given by
 the caller (`adapter_products`; lora/cost.py gives LoRA's). The list is exact: tests/test_cost.py
-checks it against the matrix products in JAX's own trace of the train step. Attention products follow attention.causal_self_attention (blocks of queries that see
-only the keys up to their block's end).
+checks it against the matrix products in JAX's own trace of the train step. Attention products follow
+attention.causal_self_attention (blocks of queries that see only the keys up to their block's end).
 """
 
 from __future__ import annotations

@@ -158,7 +158,7 @@ def test_non_finite_weights_are_never_saved_nor_handed_out(tmp_path):
     arrays["ln_f.scale"] = np.full_like(arrays["ln_f.scale"], np.inf)
     save_file(arrays, path / "model.safetensors")
     state = json.loads((path / "state.json").read_text())
-    state["sha256"]["model.safetensors"] = checkpoint._sha256(path / "model.safetensors")
+    state["sha256"]["model.safetensors"] = checkpoint.file_sha256(path / "model.safetensors")
     (path / "state.json").write_text(json.dumps(state))
     with pytest.raises(MinilmError, match="ln_f.scale holds non-finite values \\(inf\\)"):
         checkpoint.load(path)
