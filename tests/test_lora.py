@@ -8,7 +8,7 @@
     bad configs and adapter files fail with one clear MinilmError naming the value
 
 Sizes are small and pairwise distinct, so a swapped axis cannot pass:
-    B 2, T 7, H 3, K 4, D 12, F 48, V 11, L 2, context 13; LoRA ranks 2, 3, 4, 5.
+    B 5, T 7, H 3, K 4, D 12, F 48, V 11, L 2, context 13, N = B·T 35; LoRA ranks 6, 8, 9, 10.
 The base parameters are random values of order one (not init's 0.02-scale weights, under which every
 layer is nearly the identity), so every adapted term visibly moves the output.
 """
@@ -35,10 +35,10 @@ from minilm.errors import MinilmError
 from minilm.model import forward, param_shapes
 from minilm.tree import named_leaves, partition, path_name, size
 
-B, T, H, K, V, L, CONTEXT = 2, 7, 3, 4, 11, 2, 13
+B, T, H, K, V, L, CONTEXT = 5, 7, 3, 4, 11, 2, 13
 D = H * K  # 12
 F = 4 * D  # 48
-N = B * T  # 14 rows of activations
+N = B * T  # 35 rows of activations
 CFG = ModelConfig(vocab_size=V, context=CONTEXT, width=D, heads=H, layers=L, mlp_ratio=4)
 TCFG = TrainConfig(steps=5, batch_size=B, lr=1e-2, min_lr=1e-3, warmup=0.0, weight_decay=0.1)
 STEPS = 5
@@ -106,10 +106,10 @@ def base_logits(base, tokens):
 
 
 INIT_CASES = {
-    "embed-all-linear-standard": LoraConfig(rank=4, targets=("embed", "all-linear"), use_rslora=True),
-    "embed-qv-gaussian-one-layer": LoraConfig(rank=5, alpha=7.0, targets=("embed", "attn.q", "attn.v"),
+    "embed-all-linear-standard": LoraConfig(rank=9, targets=("embed", "all-linear"), use_rslora=True),
+    "embed-qv-gaussian-one-layer": LoraConfig(rank=10, alpha=7.0, targets=("embed", "attn.q", "attn.v"),
                                               init="gaussian", layers=(1,), dropout=0.2),
-    "dora-all-linear": LoraConfig(rank=3, targets=("all-linear",), use_dora=True),
+    "dora-all-linear": LoraConfig(rank=8, targets=("all-linear",), use_dora=True),
 }
 
 
@@ -142,7 +142,7 @@ def test_at_init_outputs_equal_the_base_exactly(case, base, tokens, base_logits)
 
 
 def test_pissa_at_init_is_the_base_split_into_residual_and_top_r_part(base, tokens, base_logits):
-    R = 3
+    R = 8
     cfg = LoraConfig(rank=R, alpha=6.0, targets=("embed", "attn.k", "mlp.fc", "mlp.proj"), init="pissa")
     params = lora.attach(base, cfg, key=jax.random.key(4))
     np.testing.assert_allclose(FORWARD(params, tokens, cfg=CFG), base_logits, rtol=1e-5, atol=1e-5)
@@ -166,15 +166,15 @@ def test_pissa_at_init_is_the_base_split_into_residual_and_top_r_part(base, toke
 
 TRAIN_CASES = {
     # the LoRA paper's choice, with adapter dropout on
-    "qv-dropout": LoraConfig(rank=2, alpha=5.0, targets=("attn.q", "attn.v"), dropout=0.25),
+    "qv-dropout": LoraConfig(rank=6, alpha=5.0, targets=("attn.q", "attn.v"), dropout=0.25),
     # DoRA everywhere in the blocks, plus the adapted matrices' biases and the final LayerNorm
-    "dora-all-linear": LoraConfig(rank=3, targets=("all-linear",), use_dora=True, bias="lora_only",
+    "dora-all-linear": LoraConfig(rank=8, targets=("all-linear",), use_dora=True, bias="lora_only",
                                   modules_to_save=("ln_f",)),
     # PiSSA on the tied embedding (rows and output projection) and two block matrices, rsLoRA scaling
-    "pissa-embed-rslora": LoraConfig(rank=4, targets=("embed", "attn.k", "mlp.proj"), init="pissa",
+    "pissa-embed-rslora": LoraConfig(rank=9, targets=("embed", "attn.k", "mlp.proj"), init="pissa",
                                      use_rslora=True, layers=(1,)),
     # PEFT's layout on GPT-2's fused c_attn: q, k, v share one A
-    "fused-qkv": LoraConfig(rank=3, alpha=4.0, targets=("all-linear",), fuse_qkv=True),
+    "fused-qkv": LoraConfig(rank=8, alpha=4.0, targets=("all-linear",), fuse_qkv=True),
 }
 
 
@@ -184,37 +184,37 @@ def expected_trainable(case: str) -> dict[str, tuple[int, ...]]:
     if case == "qv-dropout":
         for i in range(L):
             for m in ("q", "v"):
-                out |= {f"blocks.{i}.attn.{m}.w.lora_a": (D, 2), f"blocks.{i}.attn.{m}.w.lora_b": (2, D)}
+                out |= {f"blocks.{i}.attn.{m}.w.lora_a": (D, 6), f"blocks.{i}.attn.{m}.w.lora_b": (6, D)}
     elif case == "dora-all-linear":
         for i in range(L):
             for short, (d_in, d_out) in MATRICES.items():
-                out |= {f"blocks.{i}.{short}.w.lora_a": (d_in, 3), f"blocks.{i}.{short}.w.lora_b": (3, d_out),
+                out |= {f"blocks.{i}.{short}.w.lora_a": (d_in, 8), f"blocks.{i}.{short}.w.lora_b": (8, d_out),
                         f"blocks.{i}.{short}.w.magnitude": (d_out,), f"blocks.{i}.{short}.b": (d_out,)}
         out |= {"ln_f.scale": (D,), "ln_f.bias": (D,)}
     elif case == "fused-qkv":
         for i in range(L):
-            out[f"blocks.{i}.attn.q.w.lora_a"] = (D, 3)  # the one A of q, k and v
-            out |= {f"blocks.{i}.{short}.w.lora_b": (3, d_out) for short, (_, d_out) in MATRICES.items()}
-            out |= {f"blocks.{i}.{short}.w.lora_a": (d_in, 3) for short, (d_in, _) in MATRICES.items()
+            out[f"blocks.{i}.attn.q.w.lora_a"] = (D, 8)  # the one A of q, k and v
+            out |= {f"blocks.{i}.{short}.w.lora_b": (8, d_out) for short, (_, d_out) in MATRICES.items()}
+            out |= {f"blocks.{i}.{short}.w.lora_a": (d_in, 8) for short, (d_in, _) in MATRICES.items()
                     if short not in ("attn.q", "attn.k", "attn.v")}
     elif case == "pissa-embed-rslora":
-        out |= {"embed.tok.lora_a": (V, 4), "embed.tok.lora_b": (4, D),
-                "blocks.1.attn.k.w.lora_a": (D, 4), "blocks.1.attn.k.w.lora_b": (4, D),
-                "blocks.1.mlp.proj.w.lora_a": (F, 4), "blocks.1.mlp.proj.w.lora_b": (4, D)}
+        out |= {"embed.tok.lora_a": (V, 9), "embed.tok.lora_b": (9, D),
+                "blocks.1.attn.k.w.lora_a": (D, 9), "blocks.1.attn.k.w.lora_b": (9, D),
+                "blocks.1.mlp.proj.w.lora_a": (F, 9), "blocks.1.mlp.proj.w.lora_b": (9, D)}
     return out
 
 
 def trainable_count(case: str) -> int:
     """The same counts as formulas: r·(d_in + d_out) per matrix, + d_out for DoRA's m and for a bias."""
     if case == "qv-dropout":
-        return 2 * L * 2 * (D + D)
+        return 6 * L * 2 * (D + D)
     if case == "dora-all-linear":
-        per_block = sum(3 * (d_in + d_out) + d_out + d_out for d_in, d_out in MATRICES.values())
+        per_block = sum(8 * (d_in + d_out) + d_out + d_out for d_in, d_out in MATRICES.values())
         return L * per_block + 2 * D
     if case == "pissa-embed-rslora":
-        return 4 * (V + D) + 4 * (D + D) + 4 * (F + D)
+        return 9 * (V + D) + 9 * (D + D) + 9 * (F + D)
     if case == "fused-qkv":  # q, k, v: one A (D, R) and three B (R, D), i.e. LoRA on the (D, 3D) stack
-        return L * (3 * (D + 3 * D) + 3 * (D + D) + 3 * (D + F) + 3 * (F + D))
+        return L * (8 * (D + 3 * D) + 8 * (D + D) + 8 * (D + F) + 8 * (F + D))
     raise AssertionError(case)
 
 
@@ -235,7 +235,8 @@ def trained(case: str, base, noise: int = 100):
         for i in range(STEPS):
             windows = jnp.asarray(rng.integers(0, V, (1, B, T + 1)), jnp.int32)  # (A, B, T + 1)
             trainable, opt_state, _ = step(trainable, frozen, opt_state, windows, jax.random.key(noise + i))
-        _trained[case, noise] = (params, lora.tie(train.combine(trainable, frozen)), trainable, frozen, opt_state)
+        adapted = lora.fill_shared_a(train.combine(trainable, frozen))
+        _trained[case, noise] = (params, adapted, trainable, frozen, opt_state)
     return _trained[case, noise]
 
 
@@ -314,7 +315,7 @@ def test_saved_adapter_loads_to_bit_identical_outputs(case, base, tokens, tmp_pa
     cfg = TRAIN_CASES[case]
     _, after, trainable, _, _ = trained(case, base)
     lora.save_adapter(tmp_path / "adapter", after, cfg, CFG)
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json",
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [".minilm.json", "adapter_config.json",
                                                                        "adapter_model.safetensors"]
     loaded, loaded_cfg = lora.load_adapter(tmp_path / "adapter", base, CFG)
     assert loaded_cfg == cfg
@@ -333,7 +334,7 @@ def test_adapted_matmul_gradients_against_the_plain_formula_and_finite_differenc
 
     rng = np.random.default_rng(11)
     with jax.enable_x64(True):
-        x, w, a, b = (jnp.asarray(rng.normal(size=s)) for s in ((N, D), (D, F), (D, 3), (3, F)))
+        x, w, a, b = (jnp.asarray(rng.normal(size=s)) for s in ((N, D), (D, F), (D, 8), (8, F)))
         cot = jnp.asarray(rng.normal(size=(N, F)))  # a random output gradient: every entry matters
         scale = 1.7
 
@@ -361,7 +362,7 @@ def test_adapted_matmul_gradients_against_the_plain_formula_and_finite_differenc
 def test_fused_qkv_is_one_adapter_on_the_stacked_qkv_matrix(base, tokens):
     """fuse_qkv = LoRA on [W_q W_k W_v] (D, 3D) with B = [B_q B_k B_v]: checked against NumPy, and its
     A's gradient against the sum of three separate adapters' gradients taken at the same values."""
-    fused_cfg = LoraConfig(rank=3, alpha=4.0, targets=("all-linear",), fuse_qkv=True)
+    fused_cfg = LoraConfig(rank=8, alpha=4.0, targets=("all-linear",), fuse_qkv=True)
     attached = lora.attach(base, fused_cfg, key=jax.random.key(7))
     sites = lora_sites(attached)
     for i in range(L):  # at attach: q's A is k's and v's
@@ -369,17 +370,17 @@ def test_fused_qkv_is_one_adapter_on_the_stacked_qkv_matrix(base, tokens):
         for m in ("k", "v"):
             np.testing.assert_array_equal(sites[f"blocks.{i}.attn.{m}.w"].lora_a, a)
         assert not np.array_equal(sites[f"blocks.{i}.attn.o.w"].lora_a, a)  # o reads another input
-    fused = lora.tie(randomize_adapters(attached, seed=8))  # random B's, and one random A per block
+    fused = lora.fill_shared_a(randomize_adapters(attached, seed=8))  # random B's, and one random A per block
     trainable, frozen = lora.split(fused, fused_cfg)
     assert "blocks.0.attn.k.w.lora_a" not in named_leaves(trainable) | named_leaves(frozen)
 
-    merged = named_leaves(lora.merge(lora.tie(train.combine(trainable, frozen))))
+    merged = named_leaves(lora.merge(lora.fill_shared_a(train.combine(trainable, frozen))))
     for i in range(L):
         w = {m: sites[f"blocks.{i}.attn.{m}.w"] for m in ("q", "k", "v")}
         stack = np.concatenate([f64(w[m].base) for m in "qkv"], axis=1)  # (D, 3D)
         a = f64(named_leaves(fused)[f"blocks.{i}.attn.q.w.lora_a"])
         b = np.concatenate([f64(named_leaves(fused)[f"blocks.{i}.attn.{m}.w.lora_b"]) for m in "qkv"], axis=1)
-        want = stack + (4.0 / 3) * a @ b  # (D, 3D)
+        want = stack + (4.0 / 8) * a @ b  # (D, 3D)
         got = np.concatenate([merged[f"blocks.{i}.attn.{m}.w"] for m in "qkv"], axis=1)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -411,7 +412,7 @@ def test_fused_qkv_owner_dropout_and_other_targets(base):
     assert [sites[f"blocks.0.attn.{m}.w"].a_from for m in ("k", "v", "o")] == [None, "k", None]
     assert sites["embed.tok"].a_from is None
     trainable, frozen = lora.split(params, cfg)
-    armed = lora_sites(lora.with_dropout(lora.tie(train.combine(trainable, frozen)), jax.random.key(5)))
+    armed = lora_sites(lora.with_dropout(lora.fill_shared_a(train.combine(trainable, frozen)), jax.random.key(5)))
     for i in range(L):
         k, v, o = (armed[f"blocks.{i}.attn.{m}.w"] for m in ("k", "v", "o"))
         np.testing.assert_array_equal(v.lora_a, k.lora_a)
@@ -447,10 +448,10 @@ def test_fused_qkv_adapter_file_holds_each_shared_a_once(base, tmp_path):
 
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_scale_is_alpha_over_r_or_over_sqrt_r(use_rslora, base):
-    R, alpha = 4, 6.0
+    R, alpha = 9, 6.0
     cfg = LoraConfig(rank=R, alpha=alpha, targets=("attn.v", "mlp.proj"), use_rslora=use_rslora)
     params = randomize_adapters(lora.attach(base, cfg, key=jax.random.key(8)), seed=9)
-    s = alpha / math.sqrt(R) if use_rslora else alpha / R  # 1.5 or 3.0
+    s = alpha / math.sqrt(R) if use_rslora else alpha / R  # 2.0 or 0.667
     x_rng = np.random.default_rng(10)
     for name, w in lora_sites(params).items():
         assert w.scale == s, name
@@ -463,17 +464,17 @@ def test_scale_is_alpha_over_r_or_over_sqrt_r(use_rslora, base):
 
 def test_rank_and_alpha_patterns_give_per_target_ranks_and_scales(base):
     # Where several patterns match a matrix, the first one listed wins.
-    cfg = LoraConfig(rank=2, alpha=6.0, targets=("attn.q", "attn.v", "attn.o", "mlp.*"),
-                     rank_pattern={"blocks.1.attn.q": 5, "attn.[qv]": 4, "mlp.*": 3},
+    cfg = LoraConfig(rank=6, alpha=6.0, targets=("attn.q", "attn.v", "attn.o", "mlp.*"),
+                     rank_pattern={"blocks.1.attn.q": 10, "attn.[qv]": 9, "mlp.*": 8},
                      alpha_pattern={"blocks.0.mlp.fc": 9.0, "mlp.*": 8.0, "attn.v": 10.0})
     params = lora.attach(base, cfg, key=jax.random.key(11))
     want = {}  # name -> (rank, scale), by hand
     for i in range(L):
-        want[f"blocks.{i}.attn.q.w"] = (5, 6.0 / 5) if i == 1 else (4, 6.0 / 4)
-        want[f"blocks.{i}.attn.v.w"] = (4, 10.0 / 4)
-        want[f"blocks.{i}.attn.o.w"] = (2, 6.0 / 2)
-        want[f"blocks.{i}.mlp.fc.w"] = (3, (9.0 if i == 0 else 8.0) / 3)
-        want[f"blocks.{i}.mlp.proj.w"] = (3, 8.0 / 3)
+        want[f"blocks.{i}.attn.q.w"] = (10, 6.0 / 10) if i == 1 else (9, 6.0 / 9)
+        want[f"blocks.{i}.attn.v.w"] = (9, 10.0 / 9)
+        want[f"blocks.{i}.attn.o.w"] = (6, 6.0 / 6)
+        want[f"blocks.{i}.mlp.fc.w"] = (8, (9.0 if i == 0 else 8.0) / 8)
+        want[f"blocks.{i}.mlp.proj.w"] = (8, 8.0 / 8)
     sites = lora_sites(params)
     assert sites.keys() == want.keys()
     for name, (rank, scale) in want.items():
@@ -485,7 +486,7 @@ def test_rank_and_alpha_patterns_give_per_target_ranks_and_scales(base):
 
 
 def test_layers_selects_blocks_and_embed_is_unaffected_by_it(base):
-    params = lora.attach(base, LoraConfig(rank=2, targets=("embed", "attn.q"), layers=(1,)), key=jax.random.key(0))
+    params = lora.attach(base, LoraConfig(rank=6, targets=("embed", "attn.q"), layers=(1,)), key=jax.random.key(0))
     assert sorted(lora_sites(params)) == ["blocks.1.attn.q.w", "embed.tok"]
 
 
@@ -501,7 +502,7 @@ def random_lora_weight(seed, d_in, d_out, rank, scale, dora=False) -> LoraWeight
 
 
 def test_dora_against_numpy():
-    w = random_lora_weight(12, F, D, 3, 0.7, dora=True)  # (48, 12), R 3
+    w = random_lora_weight(12, F, D, 8, 0.7, dora=True)  # (48, 12), R 8
     W, A, Bm, m = (f64(a) for a in (w.base, w.lora_a, w.lora_b, w.magnitude))
     adapted = W + 0.7 * A @ Bm
     want = m * adapted / np.sqrt((adapted ** 2).sum(axis=0))  # column j = output unit j, over d_in
@@ -514,7 +515,7 @@ def test_dora_against_numpy():
 
 
 def test_rows_and_transpose_of_a_lora_weight_against_numpy():
-    w = random_lora_weight(14, V, D, 4, 1.3)  # the tied embedding's shape (V, D)
+    w = random_lora_weight(14, V, D, 9, 1.3)  # the tied embedding's shape (V, D)
     want = f64(w.base) + 1.3 * f64(w.lora_a) @ f64(w.lora_b)
     ids = np.array([3, 0, 10, 3, 7])
     np.testing.assert_allclose(w[jnp.asarray(ids)], want[ids], rtol=1e-5, atol=1e-6)  # embedding lookup
@@ -524,7 +525,7 @@ def test_rows_and_transpose_of_a_lora_weight_against_numpy():
 
 
 def test_adapter_dropout_zeroes_the_adapter_input_only():
-    w = dataclasses.replace(random_lora_weight(16, D, F, 2, 0.9), dropout=0.4, dropout_key=jax.random.key(17))
+    w = dataclasses.replace(random_lora_weight(16, D, F, 6, 0.9), dropout=0.4, dropout_key=jax.random.key(17))
     x = np.random.default_rng(18).normal(size=(N, D))
     keep = f64(jax.random.bernoulli(w.dropout_key, 0.6, (N, D)))
     assert 0 < keep.mean() < 1
@@ -535,9 +536,9 @@ def test_adapter_dropout_zeroes_the_adapter_input_only():
 # ---------------------------------------------------------------- 10. two named adapters on one base
 
 
-CFG_A = LoraConfig(rank=2, alpha=3.0, targets=("attn.q", "attn.v"), name="a")
-CFG_B = LoraConfig(rank=3, alpha=12.0, targets=("attn.v", "mlp.fc"), name="b", use_rslora=True)
-S_A, S_B = 3.0 / 2, 12.0 / math.sqrt(3)
+CFG_A = LoraConfig(rank=6, alpha=3.0, targets=("attn.q", "attn.v"), name="a")
+CFG_B = LoraConfig(rank=8, alpha=12.0, targets=("attn.v", "mlp.fc"), name="b", use_rslora=True)
+S_A, S_B = 3.0 / 6, 12.0 / math.sqrt(8)
 
 
 @pytest.fixture(scope="module")
@@ -717,7 +718,7 @@ def test_parse_spec_and_json_round_trip():
 
 @pytest.fixture
 def saved_adapter(base, tmp_path):
-    cfg = LoraConfig(rank=2, targets=("attn.q", "attn.v"))
+    cfg = LoraConfig(rank=6, targets=("attn.q", "attn.v"))
     lora.save_adapter(tmp_path / "ad", lora.attach(base, cfg, key=jax.random.key(0)), cfg, CFG)
     return tmp_path / "ad"
 
@@ -742,14 +743,17 @@ def test_bad_adapter_files(saved_adapter, base):
     _edit_json(config, lambda d: d["lora"].update(foo=1))
     refused(r"unknown LoRA option\(s\) \['foo'\]")
     config.write_text(good)
-    _edit_json(config, lambda d: d["lora"].update(rank=3))  # the arrays no longer fit the config
-    refused(r"tensor 'blocks\.0\.attn\.q\.w\.lora_a' has shape \(12, 2\) but the config expects \(12, 3\)")
+    _edit_json(config, lambda d: d["lora"].update(rank=8))  # the arrays no longer fit the config
+    refused(r"tensor 'blocks\.0\.attn\.q\.w\.lora_a' has shape \(12, 6\) but the config expects \(12, 8\)")
     config.write_text(good)
     _edit_json(config, lambda d: d.pop("base_model"))
     refused(r"must hold \{'lora'")
     config.write_text(good)
     (saved_adapter / "adapter_model.safetensors").write_bytes(b"\x00garbage")
-    refused("adapter_model.safetensors is not a readable safetensors file")
+    refused("adapter_model.safetensors does not match the SHA-256 recorded")
+    _edit_json(config, lambda d: d.pop("sha256"))  # as an adapter saved before digests were recorded
+    with pytest.warns(UserWarning, match="integrity and its base cannot be checked"):
+        refused("adapter_model.safetensors is not a readable safetensors file")
     config.unlink()
     refused("adapter_config.json is missing")
 
