@@ -16,6 +16,7 @@ clipping of the global gradient norm, and accumulation of several micro-batches 
 from __future__ import annotations
 
 import functools
+import math
 import time
 from dataclasses import dataclass, replace
 from typing import Iterator
@@ -26,6 +27,7 @@ import optax
 
 from minilm import data as data_lib
 from minilm.config import ModelConfig, TrainConfig
+from minilm.errors import MinilmError
 from minilm.model import forward
 from minilm.tree import combine, path_name
 
@@ -158,6 +160,16 @@ def start(trainable, frozen, train_cfg: TrainConfig, *, key: jax.Array) -> Train
     return TrainState(trainable, frozen, optimizer(train_cfg).init(trainable), 0, 0, key)
 
 
+class Diverged(MinilmError):
+    """Training produced a non-finite loss or gradient norm: the step, the values, the likely cause."""
+
+    def __init__(self, step: int, loss: float, grad_norm: float, train_cfg: TrainConfig):
+        self.step, self.loss, self.grad_norm = step, loss, grad_norm
+        super().__init__(f"training diverged at step {step}: the loss is {loss:.4g} and the gradient norm "
+                         f"{grad_norm:.4g}; the learning rate (lr = {train_cfg.lr:g}) is likely too high for "
+                         f"this model and data: lower it (or check the other settings)")
+
+
 def run(state: TrainState, data: data_lib.Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig,
         loss=loss_fn) -> Iterator[tuple[TrainState, dict]]:
     """Train from `state` to `train_cfg.steps`, yielding (state, metrics) after every step.
@@ -166,6 +178,9 @@ def run(state: TrainState, data: data_lib.Dataset, model_cfg: ModelConfig, train
     evaluation; the first includes compilation), and eval_loss on the held-out text every
     `eval_every` steps and at the last step. The caller decides what to print and when to save;
     stopping the iteration early and resuming from the yielded state continues bit-identically.
+
+    The first non-finite loss or gradient norm raises `Diverged` instead of yielding its state, so a
+    diverged state never reaches the caller (nor its checkpoint).
 
     The steps update the parameters in place (make_step's `donate`), so a yielded state's trainable
     parameters and optimizer state are valid until the loop continues: save or copy what you keep
@@ -187,6 +202,8 @@ def run(state: TrainState, data: data_lib.Dataset, model_cfg: ModelConfig, train
         trainable, opt_state, out = step_fn(state.trainable, state.frozen, state.opt_state, windows, state.step_key)
         metrics = {"step": state.step + 1, "loss": float(out["loss"]), "grad_norm": float(out["grad_norm"]),
                    "lr": float(lr(state.step)), "step_seconds": time.perf_counter() - started}
+        if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+            raise Diverged(metrics["step"], metrics["loss"], metrics["grad_norm"], train_cfg)
         state = replace(state, trainable=trainable, opt_state=opt_state, step=state.step + 1,
                         data_cursor=state.data_cursor + A)
         if state.step % train_cfg.eval_every == 0 or state.step == train_cfg.steps:
