@@ -14,6 +14,7 @@ def arithmetic_data():
 
 @pytest.fixture(scope="session")
 def small_cfgs(arithmetic_data):
+    """V 14, T 11, D 12, L 2, H 3, K 4, F 24, B 5."""
     model_cfg = ModelConfig(vocab_size=arithmetic_data.tokenizer.size, context=11, width=12, layers=2, heads=3,
                             mlp_ratio=2)
     train_cfg = TrainConfig(steps=12, batch_size=5, lr=1e-2, min_lr=1e-3, warmup=0.25, eval_every=4,

@@ -25,7 +25,7 @@ def losses(run):
 
 
 def test_overfits_a_fixed_batch():
-    cfg = ModelConfig(vocab_size=13, context=9, width=16, layers=2, heads=2)
+    cfg = ModelConfig(vocab_size=13, context=9, width=15, layers=2, heads=3)  # B 6, T 9, H 3, K 5, L 2
     tcfg = TrainConfig(steps=300, lr=1e-2, min_lr=1e-2, warmup=0.0, weight_decay=0.0)
     windows = jax.random.randint(jax.random.key(1), (1, 6, 10), 0, 13)  # (A, B, T + 1) random tokens
     windows = windows.at[0, :, 0].set(jnp.arange(6))  # distinct first tokens: every next token is determined
@@ -41,13 +41,21 @@ def test_overfits_a_fixed_batch():
     assert float(train.loss_fn(trainable, frozen, windows[0], cfg)) < 0.05
 
 
-def test_same_seed_gives_bit_identical_losses(arithmetic_data, small_cfgs):
+def test_same_seed_gives_bit_identical_losses_and_parameters(arithmetic_data, small_cfgs):
+    """The determinism every experiment relies on (they are not rerun to check it): same seed and config,
+    the same losses and the same trained parameters, bit for bit; another seed, other losses."""
     model_cfg, train_cfg = small_cfgs
-    a = losses(train.run(fresh_state(model_cfg, train_cfg), arithmetic_data, model_cfg, train_cfg))
-    b = losses(train.run(fresh_state(model_cfg, train_cfg), arithmetic_data, model_cfg, train_cfg))
+
+    def trained(seed=None):
+        steps = list(train.run(fresh_state(model_cfg, train_cfg, seed=seed), arithmetic_data, model_cfg, train_cfg))
+        return losses(steps), named_leaves(steps[-1][0].trainable)  # the last state's arrays stay valid
+
+    (a, params_a), (b, params_b) = trained(), trained()
     assert a == b
+    for name, leaf in params_a.items():
+        np.testing.assert_array_equal(leaf, params_b[name], err_msg=name)
     assert len(a) == train_cfg.steps and a[-1][2] is not None  # eval at the last step
-    c = losses(train.run(fresh_state(model_cfg, train_cfg, seed=8), arithmetic_data, model_cfg, train_cfg))
+    c, _ = trained(seed=8)
     assert c != a
 
 
@@ -123,11 +131,11 @@ def test_gradient_accumulation_equals_one_big_batch(small_cfgs):
     model_cfg, train_cfg = small_cfgs
     params = init(model_cfg, key=jax.random.key(2))
     trainable, frozen = partition(params, lambda name: True)
-    windows = jax.random.randint(jax.random.key(3), (6, model_cfg.context + 1), 0, model_cfg.vocab_size)
+    windows = jax.random.randint(jax.random.key(3), (15, model_cfg.context + 1), 0, model_cfg.vocab_size)
     opt = train.optimizer(train_cfg)
     step = train.make_step(model_cfg, train_cfg)
-    big = step(trainable, frozen, opt.init(trainable), windows[None], jax.random.key(0))  # (1, 6, T + 1)
-    accumulated = step(trainable, frozen, opt.init(trainable), windows.reshape(3, 2, -1), jax.random.key(0))  # (3, 2, T + 1)
+    big = step(trainable, frozen, opt.init(trainable), windows[None], jax.random.key(0))  # (1, 15, T + 1)
+    accumulated = step(trainable, frozen, opt.init(trainable), windows.reshape(3, 5, -1), jax.random.key(0))  # (3, 5, T + 1)
     np.testing.assert_allclose(big[2]["loss"], accumulated[2]["loss"], rtol=1e-6)
     for name, leaf in named_leaves(big[0]).items():
         np.testing.assert_allclose(leaf, named_leaves(accumulated[0])[name], rtol=1e-5, atol=1e-6, err_msg=name)
