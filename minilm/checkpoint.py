@@ -263,8 +263,10 @@ def restore_training(ckpt: Checkpoint, train_cfg: TrainConfig, is_trainable=lamb
     opt_state = restore_optimizer(ckpt, optimizer(train_cfg).init(trainable))
     s = ckpt.state
     try:
-        return TrainState(trainable, frozen, opt_state, int(s["step"]), int(s["data_cursor"]),
-                          key_from_json(s["key"]))
+        step, cursor = s["step"], s["data_cursor"]
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in (step, cursor)):
+            raise ValueError(f"step {step!r} and data_cursor {cursor!r} must be whole numbers >= 0")
+        return TrainState(trainable, frozen, opt_state, step, cursor, key_from_json(s["key"]))
     except (KeyError, TypeError, ValueError) as e:
         raise MinilmError(f"{ckpt.path}/state.json is incomplete or damaged ({e!r}); it needs step, "
                           f"data_cursor and key") from None

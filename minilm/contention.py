@@ -1,6 +1,6 @@
-"""Was anything else running while we timed, and how much memory did we take? Read from Linux's
-/proc/stat and getrusage; standard library only, so a benchmark process of any framework can use it
-without importing JAX."""
+"""Was anything else running while we timed, how much memory did we take, and how much is there? Read
+from Linux's /proc and getrusage; standard library only, so a benchmark process of any framework can
+use it without importing JAX."""
 
 from __future__ import annotations
 
@@ -34,3 +34,18 @@ def other_cpu_fraction(before, after) -> float | None:
     wall = after[0] - before[0]
     others = (after[1] - before[1]) - (after[2] - before[2])
     return max(0.0, others / (wall * os.cpu_count()))
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the kernel could give this process now (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None

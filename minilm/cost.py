@@ -76,6 +76,12 @@ class StepCost:
     def flops(self) -> int:
         return self.forward + self.input_grad + self.weight_grad + self.lora_extra
 
+    @property
+    def memory_bytes(self) -> int:
+        """What a train step holds at once: parameters, gradients, optimizer state and the activations
+        kept for the backward pass (a lower bound: XLA's temporaries come on top)."""
+        return self.params_bytes + self.gradient_bytes + self.optimizer_bytes + self.activation_bytes
+
     def seconds(self, matmul_flops_per_s: float, bytes_per_s: float) -> float:
         """Roofline estimate: the products at the machine's matmul speed, the rest at its memory speed."""
         return self.flops / matmul_flops_per_s + self.elementwise_bytes / bytes_per_s
