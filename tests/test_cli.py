@@ -18,6 +18,7 @@ from minilm.cli import bench, build_parser, main
 from minilm.cli.flags import CHOICES, add_config_flags, describe_keys, given
 from minilm.config import DTYPES, DataConfig, ModelConfig, SampleConfig, TrainConfig, option, preset
 from minilm.errors import MinilmError
+from minilm.folders import MARK
 
 # A model small enough that a CLI run costs little more than its compilation.
 SMALL = ["--corpus", "arithmetic", "--corpus-size", "300", "--context", "16", "--width", "16", "--layers", "1",
@@ -169,7 +170,7 @@ def test_train_then_sample_then_resume(capsys, tmp_path):
     assert code == 0
     assert str(out / "checkpoint") in stdout
     assert sorted(p.name for p in (out / "checkpoint").iterdir()) == [
-        "config.json", "model.safetensors", "optimizer.safetensors", "state.json", "tokenizer.json"]
+        MARK, "config.json", "model.safetensors", "optimizer.safetensors", "state.json", "tokenizer.json"]
     lines = metrics(out)
     assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
     assert ["eval_loss" in m for m in lines] == [False, False, True, False, False, True]
@@ -288,7 +289,7 @@ def test_lora_finetune_sample_and_merge_agree(spec, trainable, capsys, tmp_path,
     code, stdout, _ = run(capsys, "finetune", str(base_run), *FT, "--lora", spec, "--out", str(tmp_path / "ft"))
     assert code == 0
     assert sorted(p.name for p in (tmp_path / "ft" / "adapter").iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors"]
+        MARK, "adapter_config.json", "adapter_model.safetensors"]
     assert "blocks.0.attn.q.w" in stdout and "blocks.0.attn.v.w" in stdout
     assert f"trainable {trainable} of" in stdout
     assert ("share one A" in stdout) == ("fuse_qkv" in spec)
