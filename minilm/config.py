@@ -4,7 +4,8 @@ and how it samples (SampleConfig).
 Each is a frozen, keyword-only dataclass, validated when it is created, so a bad value fails at once
 with a message that says how to fix it, not deep inside JAX. Changes go through
 `dataclasses.replace`. Each field's `help` is the single source of the CLI's flags and help text
-(see cli.py): a new field is a new flag.
+(minilm/cli/flags.py): a new field is a new flag; a field whose values form a fixed set names them
+in its `choices`.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class ModelConfig:
 
 
 DTYPES = ("float32", "bfloat16")
+TOKENIZERS = ("auto", "char", "word")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,7 +116,7 @@ class TrainConfig:
     checkpoint_every: int = option(200, "save a checkpoint every this many steps (and at the end)")
     seed: int = option(0, "seed for initialisation, batches and the generated corpus")
     dtype: str = option("float32", "number format of the matrix products: float32, or bfloat16 (weights, "
-                        "gradients and optimizer state stay float32)", metavar="DTYPE")
+                        "gradients and optimizer state stay float32)", metavar="DTYPE", choices=DTYPES)
 
     @property
     def warmup_steps(self) -> int:
@@ -143,13 +145,14 @@ class DataConfig:
     corpus: str | None = option(None, "built-in corpus: associations, bindings, induction, grammar, arithmetic",
                                metavar="NAME")
     text: str | None = option(None, "train on this UTF-8 text file instead of a built-in corpus", metavar="PATH")
-    tokenizer: str = option("auto", "char | word | auto (the corpus's own; char for --text)", metavar="KIND")
+    tokenizer: str = option("auto", "char | word | auto (the corpus's own; char for --text)", metavar="KIND",
+                            choices=TOKENIZERS)
     corpus_size: int | None = option(None, "sentences/lines to generate for a built-in corpus (default: its own)")
     val_fraction: float = option(0.1, "fraction of the text held out for evaluation")
 
     def __post_init__(self):
         check_types(self)
-        if self.tokenizer not in ("auto", "char", "word"):
+        if self.tokenizer not in TOKENIZERS:
             raise MinilmError(f"tokenizer = {self.tokenizer!r}; expected auto, char or word")
         if not 0 < self.val_fraction < 0.5:
             raise MinilmError(f"val_fraction = {self.val_fraction} must lie in (0, 0.5)")

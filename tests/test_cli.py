@@ -15,7 +15,7 @@ import pytest
 
 from lora import LoraConfig, parse_spec
 from minilm.cli import bench, build_parser, main
-from minilm.cli.flags import CHOICES, add_config_flags, describe_keys, given
+from minilm.cli.flags import add_config_flags, describe_keys, given
 from minilm.config import DTYPES, DataConfig, ModelConfig, SampleConfig, TrainConfig, option, preset
 from minilm.errors import MinilmError
 from minilm.folders import MARK
@@ -112,8 +112,9 @@ def test_lora_spec_values_of_the_wrong_type(spec, message):
 
 def changed_value(cls, name: str, value):
     """A valid value of field `name` other than `value`: another choice, or twice the number."""
-    if name in CHOICES:
-        return next(v for v in CHOICES[name] if v != value)
+    choices = next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("choices")
+    if choices:
+        return next(v for v in choices if v != value)
     assert typing.get_type_hints(cls)[name] in (int, "int"), name
     return 2 * value
 

@@ -12,12 +12,8 @@ import argparse
 import dataclasses
 import typing
 
-from minilm.config import DTYPES, PRESETS
+from minilm.config import PRESETS
 from minilm.errors import MinilmError
-
-# A field whose values form a fixed set takes them from the tuple its config validates against.
-CHOICES = {"dtype": DTYPES}
-
 
 def flag(name: str) -> str:
     """`batch_size` -> `--batch-size`."""
@@ -50,8 +46,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, title: str, default_n
         text = f"{f.metadata['help']} ({note})"
         if kind is bool:
             group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=text)
-        elif f.name in CHOICES:
-            group.add_argument(flag(f.name), choices=CHOICES[f.name], default=None, help=text)
+        elif "choices" in f.metadata:  # a fixed set of values, the one its config validates against
+            group.add_argument(flag(f.name), choices=f.metadata["choices"], default=None, help=text)
         else:
             group.add_argument(flag(f.name), type=kind, default=None,
                                metavar=f.metadata.get("metavar", kind.__name__.upper()), help=text)
