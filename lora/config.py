@@ -19,6 +19,7 @@ separate adapters have 6RD.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections import abc
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Mapping
 
-from minilm.config import option
+from minilm.config import check_types, option
 from minilm.errors import MinilmError
 
 INITS = ("standard", "gaussian", "pissa")
@@ -62,9 +63,16 @@ class LoraConfig:
         def fail(message):
             raise MinilmError(f"LoRA config: {message}")
 
-        for key in ("use_rslora", "use_dora", "fuse_qkv"):
-            if not isinstance(getattr(self, key), bool):
-                fail(f"{key} = {getattr(self, key)!r} must be true or false")
+        try:
+            check_types(self, how=lambda key: f" (--lora {key}=...)")
+        except MinilmError as e:
+            fail(str(e))
+        for pattern, alpha in self.alpha_pattern.items():
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+                fail(f"alpha {alpha!r} (for {pattern}) must be a finite number, e.g. alpha_pattern={pattern}:16")
+        for key in ("targets", "modules_to_save"):
+            if not all(isinstance(t, str) and t for t in getattr(self, key)):
+                fail(f"{key} = {getattr(self, key)!r} must be names or patterns, e.g. attn.q")
         for key, rank in {"rank": self.rank, **self.rank_pattern}.items():
             if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
                 fail(f"rank {rank!r} (for {key}) must be a positive integer, e.g. rank=8")

@@ -11,6 +11,7 @@ in its `choices`.
 from __future__ import annotations
 
 import math
+import types
 import typing
 from dataclasses import dataclass, field, fields
 
@@ -28,31 +29,42 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def check_types(cfg) -> None:
+def check_types(cfg, how=None) -> None:
     """Every field holds a value of its declared type: an int is not a bool or 64.0, a float is a finite
-    number (nan and inf are refused everywhere), a str is a str. The first field that does not, raises."""
+    number (nan and inf are refused everywhere), a str is a str. The first field that does not, raises.
+
+    how(field) -> how to pass a better value, appended to the message (default: the field's flag)."""
+    hints = typing.get_type_hints(type(cfg))
     for f in fields(cfg):
-        value, kinds = getattr(cfg, f.name), typing.get_args(typing.get_type_hints(type(cfg))[f.name])
-        kinds = kinds or (typing.get_type_hints(type(cfg))[f.name],)
+        value, hint = getattr(cfg, f.name), hints[f.name]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            kinds = typing.get_args(hint)  # X | None
+        elif typing.get_origin(hint) is None:
+            kinds = (hint,)
+        else:
+            continue  # a tuple or mapping: its config checks the items
         if value is None and type(None) in kinds:
             continue
         where = f"{f.name} = {value!r}"
-        how = f"; pass it with {_flag(f.name)}" if f.metadata.get("cli", True) else ""
+        if how is not None:
+            how_text = how(f.name)
+        else:
+            how_text = f"; pass it with {_flag(f.name)}" if f.metadata.get("cli", True) else ""
         if bool in kinds:
             if not isinstance(value, bool):
-                raise MinilmError(f"{where} must be true or false{how}")
+                raise MinilmError(f"{where} must be true or false{how_text}")
         elif int in kinds:
             if isinstance(value, bool) or not isinstance(value, int):
-                raise MinilmError(f"{where} must be a whole number, e.g. {f.default!r}{how}")
+                raise MinilmError(f"{where} must be a whole number, e.g. {f.default!r}{how_text}")
             if abs(value) > LARGEST_INT:
-                raise MinilmError(f"{where} is too large: expected at most {LARGEST_INT:,}{how}")
+                raise MinilmError(f"{where} is too large: expected at most {LARGEST_INT:,}{how_text}")
         elif float in kinds:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise MinilmError(f"{where} must be a number, e.g. {f.default!r}{how}")
+                raise MinilmError(f"{where} must be a number, e.g. {f.default!r}{how_text}")
             if not math.isfinite(value):
-                raise MinilmError(f"{where} must be a finite number, e.g. {f.default!r}{how}")
+                raise MinilmError(f"{where} must be a finite number, e.g. {f.default!r}{how_text}")
         elif str in kinds and not isinstance(value, str):
-            raise MinilmError(f"{where} must be a string, e.g. {f.default!r}{how}")
+            raise MinilmError(f"{where} must be a string, e.g. {f.default!r}{how_text}")
 
 
 def _check_positive(cfg, *names):
