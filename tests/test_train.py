@@ -147,7 +147,7 @@ def test_weight_decay_touches_matrices_only(small_cfgs):
     params = jax.tree.map(lambda x: x + 1.0, init(model_cfg, key=jax.random.key(0)))  # no zero leaves
     opt = train.optimizer(tcfg)
     zero_grads = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = opt.update(zero_grads, opt.init(params), params)
+    updates, _ = jax.jit(opt.update)(zero_grads, opt.init(params), params)
     for name, update in named_leaves(updates).items():
         leaf = named_leaves(params)[name]
         expected = -0.1 * 0.5 * leaf if leaf.ndim >= 2 else np.zeros_like(leaf)  # decoupled decay: -lr·wd·w
