@@ -169,12 +169,13 @@ def save(path: Path, *, params, opt_state, model_cfg: ModelConfig, train_cfg: Tr
     except (OSError, SafetensorError, MinilmError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         reason = getattr(e, "strerror", None) or str(e)
-        before = "the previous checkpoint there is intact" if _complete(path) else "nothing was saved"
+        before = "the previous checkpoint there is intact" if is_complete(path) else "nothing was saved"
         raise MinilmError(f"could not save {path} ({reason}); {before}") from None
     swap_in(tmp, path)
 
 
-def _complete(path: Path) -> bool:
+def is_complete(path: Path) -> bool:
+    """Does `path` (a run or checkpoint folder) hold a whole checkpoint, possibly still as NAME.old?"""
     try:
         return (resolve(path) / "state.json").is_file()
     except MinilmError:
@@ -229,7 +230,11 @@ def load(path: Path) -> Checkpoint:
     model_cfg = from_dict(ModelConfig, config.get("model"), f"{path}/config.json [model]")
     train_cfg = from_dict(TrainConfig, config.get("train"), f"{path}/config.json [train]")
     data_cfg = from_dict(DataConfig, config.get("data"), f"{path}/config.json [data]")
-    tokenizer = Tokenizer.from_json(_read_json(path / "tokenizer.json", "vocabulary"))
+    data = _read_json(path / "tokenizer.json", "vocabulary")  # its own errors name the file
+    try:
+        tokenizer = Tokenizer.from_json(data)
+    except MinilmError as e:
+        raise MinilmError(f"{path / 'tokenizer.json'}: {e}") from None
     if tokenizer.size != model_cfg.vocab_size:
         raise MinilmError(f"{path}: tokenizer.json has {tokenizer.size} tokens but the model config says "
                           f"vocab_size = {model_cfg.vocab_size}")

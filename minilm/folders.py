@@ -54,15 +54,21 @@ def _same_or_inside(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
-def check_output(out: Path, kind: str, *, overwrite: bool, inputs=(), flag: str = "--out") -> Path:
-    """May this command write a folder of `kind` at `out`? Raises a MinilmError saying why not:
-    `out` is a file or lies under one, is (or holds, or lies inside) one of the command's `inputs`,
-    exists without --overwrite, or with --overwrite is not a minilm folder of the same kind."""
+def check_path(out: Path, flag: str = "--out") -> Path:
+    """`out` can be a folder: it is not a file and does not lie under one."""
     out = Path(out)
     for parent in (out, *out.parents):
         if parent.exists() and not parent.is_dir():
             where = "is a file" if parent == out else f"lies under {parent}, which is a file"
             raise MinilmError(f"{flag} {out} {where}; give a folder path")
+    return out
+
+
+def check_output(out: Path, kind: str, *, overwrite: bool, inputs=(), flag: str = "--out") -> Path:
+    """May this command write a folder of `kind` at `out`? Raises a MinilmError saying why not:
+    `out` is a file or lies under one, is (or holds, or lies inside) one of the command's `inputs`,
+    exists without --overwrite, or with --overwrite is not a minilm folder of the same kind."""
+    out = check_path(out, flag)
     for given in inputs:
         if _same_or_inside(out, Path(given)):
             raise MinilmError(f"{flag} {out} is, holds or lies inside this command's input {given}; writing "

@@ -53,6 +53,9 @@ def check_length(cfg: ModelConfig, prompt_len: int, max_new_tokens: int) -> None
         raise MinilmError(f"max_new_tokens = {max_new_tokens}; ask for at least 1 new token")
     if prompt_len < 1:
         raise MinilmError("the prompt is empty; give at least one token to start from")
+    if prompt_len >= cfg.context:
+        raise MinilmError(f"the prompt has {prompt_len} tokens but the model sees at most {cfg.context}, and each "
+                          f"new token needs a place too; shorten the prompt to fewer than {cfg.context} tokens")
     if prompt_len + max_new_tokens > cfg.context:
         raise MinilmError(
             f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = "

@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure  # the object API: no pyplot, no global state, no display needed
 
+from minilm import folders
 from minilm.checkpoint import staging_dir, swap_in
+from minilm.errors import MinilmError
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 
@@ -257,6 +259,21 @@ th{background:#f3f3f3}img{max-width:100%}li{margin:.25em 0}code{background:#f3f3
 details{margin:.5em 0 1em}summary{cursor:pointer;font-weight:600}"""
 
 
+REPORT_FILES = {"report.html", "metrics.json", "figures"}
+
+
+def _check_replaceable(out: Path) -> None:
+    """A report replaces `out` whole, so `out` must be missing, empty, or a report minilm wrote (marked,
+    or from before marks: nothing but report.html, metrics.json and figures/)."""
+    folders.check_path(out)
+    if not out.is_dir() or folders.kind_of(out) == "report":
+        return
+    names = {f.name for f in out.iterdir()}
+    if names and not (names <= REPORT_FILES | {folders.LOCK} and "report.html" in names):
+        raise MinilmError(f"{out} holds files minilm did not write ({', '.join(sorted(names - REPORT_FILES)[:3])}, "
+                          f"...); a report replaces its folder whole, so choose another --out")
+
+
 def write_page(out: Path, title: str, blocks, metrics: dict) -> Path:
     """A report folder: report.html from `blocks`, metrics.json, figures/*.png; replaces `out` whole.
 
@@ -264,6 +281,7 @@ def write_page(out: Path, title: str, blocks, metrics: dict) -> Path:
     or None (skipped). Figures are named after their headings' order: figures/01.png, 02.png, ...
     """
     out = Path(out)
+    _check_replaceable(out)
     tmp = staging_dir(out)
     (tmp / "figures").mkdir()
     parts = [f"<h1>{html.escape(title)}</h1>"]
@@ -282,6 +300,7 @@ def write_page(out: Path, title: str, blocks, metrics: dict) -> Path:
             f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
     (tmp / "report.html").write_text(page, encoding="utf-8")
     (tmp / "metrics.json").write_text(json.dumps(finite(metrics), allow_nan=False), encoding="utf-8")
+    folders.mark(tmp, "report")
     swap_in(tmp, out)
     return out / "report.html"
 

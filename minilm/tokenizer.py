@@ -46,6 +46,8 @@ class Tokenizer:
             raise MinilmError(f"tokenizer kind {self.kind!r} is unknown; expected one of {KINDS}")
         if not self.vocab:
             raise MinilmError("the tokenizer vocabulary is empty; it needs at least one token")
+        if not all(isinstance(t, str) and t for t in self.vocab):
+            raise MinilmError("the tokenizer vocabulary must be a list of non-empty strings")
         if len(set(self.vocab)) != len(self.vocab):
             raise MinilmError("the tokenizer vocabulary lists a token twice; each token must be unique")
         if self.kind == "char" and any(len(t) != 1 for t in self.vocab):

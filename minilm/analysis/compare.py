@@ -73,7 +73,8 @@ def make_probe(tokenizer: Tokenizer, cfg: ModelConfig, *, corpus: Corpus | None 
         raise MinilmError("the probe set is empty: none of the words or sentences is in the vocabulary; "
                           "pass --words or --probe text made of the model's tokens")
     text = corpus.text if corpus else "\n".join(sentences)
-    ids = tokenizer.encode(text)
+    # words alone (no corpus, no sentence) are read in a context made of the words themselves
+    ids = tokenizer.encode(text) if text else np.asarray([tokenizer.index[w] for w in known])
     T = cfg.context
     if len(ids) < T:
         ids = np.resize(ids, T)  # a short probe text repeats to fill one window

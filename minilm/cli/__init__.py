@@ -6,14 +6,17 @@ that train and finetune share, flags.py turns config dataclass fields into flags
 imports at its top only what its parser needs; what running it needs (JAX, lora, matplotlib, ...) it
 imports in `run`, so `minilm --help` and each command load no more than they use.
 
-Bad input ends in one line on stderr, `minilm CMD: error: ...`, and exit status 2, never a traceback;
-an interrupted training run saves its checkpoint first (fit.py).
+Bad input ends in one line on stderr, `minilm CMD: error: ...`, and exit status 2, never a traceback:
+a MinilmError from anywhere, an OSError (a path too long, a folder without permission, a full disk),
+or running out of memory. A library warning (an adapter too old to check, say) is one line too,
+`minilm CMD: notice: ...`. An interrupted training run saves its checkpoint first (fit.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from minilm import allocator
 from minilm.cli import bench, compare, finetune, merge, sample, train
@@ -37,11 +40,27 @@ def main(argv=None) -> int:
     if argv is None:  # a real command line (not a call from Python): restart once with glibc's tunables
         allocator.restart_with_tunables()
     args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except MinilmError as e:
-        print(f"minilm {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+
+    def say(kind: str, message) -> None:
+        print(f"minilm {args.command}: {kind}: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *_, **__: say("notice", message)
+        try:
+            return args.run(args)
+        except MinilmError as e:
+            say("error", e)
+        except OSError as e:
+            where = f": {e.filename}" if e.filename else ""
+            say("error", f"{e.strerror or e}{where}")
+        except MemoryError:
+            say("error", "out of memory; choose a smaller model, batch or --num-samples")
+        except KeyboardInterrupt:
+            print("\ninterrupted", file=sys.stderr)
+            return 130
+        except Exception as e:  # XLA's own out-of-memory error, raised from compiled code
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            say("error", "out of memory in XLA (RESOURCE_EXHAUSTED); choose a smaller model, batch or "
+                         "--num-samples")
+    return 2

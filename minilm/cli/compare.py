@@ -23,7 +23,9 @@ def add_parser(commands) -> None:
     p.add_argument("base", metavar="BASE", help="the model before fine-tuning")
     p.add_argument("tuned", metavar="TUNED", nargs="+", help="fine-tuned checkpoints or adapter folders")
     p.add_argument("--out", metavar="DIR", required=True, help="report folder to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out report an earlier compare wrote")
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="compare adapters trained on another base of the same shape (their fingerprint differs)")
     p.add_argument("--probe", metavar="TEXT", action="append",
                    help="a probe sentence (repeatable); the base corpus's own probes are added")
     p.add_argument("--words", metavar="W1,W2", help="extra tokens whose vectors to follow")
@@ -35,7 +37,7 @@ def add_parser(commands) -> None:
     p.set_defaults(run=run)
 
 
-def load_tuned(path: Path, base, used: set):
+def load_tuned(path: Path, base, used: set, allow_other_base: bool = False):
     """A tuned model for `compare`: a checkpoint, or an adapter folder (merged onto the base).
 
     Its name is its folder's (the run's, for OUT/checkpoint or OUT/adapter), primed until it differs
@@ -54,7 +56,8 @@ def load_tuned(path: Path, base, used: set):
         ckpt = checkpoint.load(path)
         check_comparable(base.model_cfg, base.tokenizer, ckpt.model_cfg, ckpt.tokenizer, str(path))
         return Model(name, ckpt.params)
-    params, _ = lora.load_adapter(adapter_dir, base.params, base.model_cfg, tokenizer=base.tokenizer)
+    params, _ = lora.load_adapter(adapter_dir, base.params, base.model_cfg, tokenizer=base.tokenizer,
+                                  allow_other_base=allow_other_base)
     adapters = {site: w.lora_a for site, w in lora.lora_weights(params).items()}
     return Model(name, lora.merge(params), adapters)
 
@@ -62,16 +65,18 @@ def load_tuned(path: Path, base, used: set):
 def run(args) -> int:
     from tqdm import tqdm
 
-    from minilm import checkpoint, report
+    from minilm import checkpoint, folders, report
     from minilm.analysis.compare import Model, compare, make_probe
     from minilm.corpora import load_corpus
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise MinilmError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+    if args.top_k < 1:
+        raise MinilmError(f"--top-k {args.top_k}: expected a whole number >= 1, e.g. --top-k 10")
+    if not 0 < args.epsilon <= 1:  # also refuses nan
+        raise MinilmError(f"--epsilon {args.epsilon}: expected a |cosine| threshold in (0, 1], e.g. --epsilon 0.5")
     base = checkpoint.load(args.base)
+    out = folders.check_output(args.out, "report", overwrite=args.overwrite, inputs=[args.base, base.path, *args.tuned])
     used: set = set()
-    tuned = [load_tuned(p, base, used) for p in args.tuned]
+    tuned = [load_tuned(p, base, used, args.allow_other_base) for p in args.tuned]
     corpus = None
     if base.data_cfg.corpus is not None and not args.no_corpus_probe:
         corpus = load_corpus(base.data_cfg.corpus, seed=base.train_cfg.seed, size=base.data_cfg.corpus_size)

@@ -40,8 +40,9 @@ def run(args) -> int:
     import jax
 
     import lora
-    from minilm import checkpoint, train
-    from minilm.cli.fit import fit
+    from minilm import checkpoint, folders, train
+    from minilm.cli.fit import check_memory, fit
+    from minilm.cost import step_cost
     from minilm.data import check_fits, load_dataset
     from minilm.tree import combine, partition, size
 
@@ -52,16 +53,23 @@ def run(args) -> int:
     train_over, data_over = given(args, TrainConfig), given(args, DataConfig)
     if "tokenizer" in data_over:
         raise MinilmError("--tokenizer: fine-tuning reads text with the base model's own tokenizer; drop the flag")
-    train_cfg = dataclasses.replace(FINETUNE, **({"lr": LORA_LR} if lora_cfg else {}), **train_over)
+    train_cfg = dataclasses.replace(FINETUNE, **{**({"lr": LORA_LR} if lora_cfg else {}), **train_over})
     data_cfg = DataConfig(**data_over)
     base = checkpoint.load(args.base)
-    out = Path(args.out or f"runs/{base.path.parent.name}-{'lora' if lora_cfg else 'full'}-"
-                           f"{data_cfg.corpus or Path(data_cfg.text or 'text').stem}")
+    out = folders.check_path(args.out or f"runs/{base.path.parent.name}-{'lora' if lora_cfg else 'full'}-"
+                                         f"{data_cfg.corpus or Path(data_cfg.text or 'text').stem}")
     saved = out / ("adapter" if lora_cfg else "checkpoint")
-    if saved.exists() and not args.overwrite:
-        raise MinilmError(f"{saved} already exists; pass --overwrite to replace it or choose another --out")
+    inputs = [Path(args.base), base.path]
+    folders.check_output(saved, "adapter" if lora_cfg else "checkpoint", overwrite=args.overwrite, inputs=inputs)
+    if folders.kind_of(out) != "run":  # finetune writes metrics.jsonl beside what it saves: not into a stranger's folder
+        folders.check_output(out, "run", overwrite=args.overwrite, inputs=inputs)
     data = load_dataset(data_cfg, seed=train_cfg.seed, tokenizer=base.tokenizer)
     check_fits(data, base.model_cfg.context, data_cfg.text or f"corpus {data_cfg.corpus!r}")
+    cost = (lora.lora_step_cost(base.model_cfg, train_cfg.batch_size, lora_cfg, train_cfg.grad_accum) if lora_cfg
+            else step_cost(base.model_cfg, train_cfg.batch_size, None, train_cfg.grad_accum))
+    check_memory(cost, "fine-tuning this model")
+    folders.lock(out)  # one run per folder, until this process ends
+    folders.mark(out, "run")
     model_cfg = base.model_cfg
     adapter_key, run_key = jax.random.split(jax.random.key(train_cfg.seed))
     if lora_cfg:

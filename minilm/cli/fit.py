@@ -3,6 +3,9 @@
 minilm.train.run yields one state per optimizer step; this wraps it with what a person at a terminal
 needs: a progress bar, one JSON line of metrics per step in OUT/metrics.jsonl, a checkpoint every
 checkpoint_every steps and at the end, and a clean stop on Ctrl-C that saves first (exit status 130).
+A run that diverges (minilm.train.Diverged) stops at once: nothing more is saved, so the last
+checkpoint, written while the run was still finite, is kept, and the message says how to resume.
+Before any array is made, `check_memory` refuses a run the machine cannot hold.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import signal
 import sys
 from pathlib import Path
 
+from minilm.errors import MinilmError
+
 
 def logged_step(line: str) -> float:
     """The step of a metrics.jsonl line; a line cut short by a kill counts as after every step."""
@@ -19,6 +24,18 @@ def logged_step(line: str) -> float:
         return json.loads(line)["step"]
     except (json.JSONDecodeError, KeyError, TypeError):
         return float("inf")
+
+
+def check_memory(cost, what: str) -> None:
+    """Refuse a train step whose parameters, gradients, optimizer state and activations (a StepCost's
+    memory_bytes, a lower bound) exceed the memory available now."""
+    from minilm.contention import available_memory_bytes
+
+    available = available_memory_bytes()
+    if available is not None and cost.memory_bytes > available:
+        raise MinilmError(f"{what} needs at least {cost.memory_bytes / 2**30:,.1f} GiB for its parameters, gradients, "
+                          f"optimizer state and activations, but {available / 2**30:,.1f} GiB are available; "
+                          f"choose a smaller --width, --layers, --context or --batch-size")
 
 
 def fit(state, data, model_cfg, train_cfg, out: Path, save, *, resume: bool, saved: Path, resume_hint: str | None,
@@ -51,6 +68,7 @@ def fit(state, data, model_cfg, train_cfg, out: Path, save, *, resume: bool, sav
           f"(vocabulary {data.tokenizer.size}) -> {out}", file=sys.stderr)
     bar = tqdm(total=train_cfg.steps, initial=state.step, unit="step", desc="train", dynamic_ncols=True)
     first_step, step_seconds, eval_loss = state.step, 0.0, float("nan")
+    saved_step = state.step if resume else None
     stop = []
 
     def request_stop(*_):  # Ctrl-C: finish this step, save, exit. A second Ctrl-C interrupts at once.
@@ -60,7 +78,8 @@ def fit(state, data, model_cfg, train_cfg, out: Path, save, *, resume: bool, sav
     previous_handler = signal.signal(signal.SIGINT, request_stop)
     try:
         with metrics_path.open("a") as log:
-            for state, metrics in train.run(state, data, model_cfg, train_cfg, loss or train.loss_fn):
+            steps = train.run(state, data, model_cfg, train_cfg, loss or train.loss_fn)
+            for state, metrics in diverging_stops(steps, saved, lambda: saved_step, resume_hint, bar):
                 if state.step > first_step + 1:  # the first step of a process includes compilation
                     step_seconds += metrics["step_seconds"]
                     metrics["tokens_per_s"] = tokens_per_step * (state.step - first_step - 1) / step_seconds
@@ -72,6 +91,7 @@ def fit(state, data, model_cfg, train_cfg, out: Path, save, *, resume: bool, sav
                 bar.update(1)
                 if stop or state.step % train_cfg.checkpoint_every == 0 or state.step == train_cfg.steps:
                     save(state)
+                    saved_step = state.step
                 if stop:
                     bar.close()
                     hint = f"; continue with `{resume_hint}`" if resume_hint else ""
@@ -84,3 +104,21 @@ def fit(state, data, model_cfg, train_cfg, out: Path, save, *, resume: bool, sav
           f"  saved       {saved}\n  metrics     {metrics_path}\n"
           f"  sample with {sample_hint}")
     return 0
+
+
+def diverging_stops(steps, saved: Path, saved_step, resume_hint: str | None, bar):
+    """train.run's steps; a Diverged becomes a MinilmError that also says what is kept and how to go on."""
+    from minilm.train import Diverged
+
+    try:
+        yield from steps
+    except Diverged as e:
+        bar.close()
+        step = saved_step()
+        if step is None:
+            kept = "nothing was saved; start again with a lower --lr"
+        else:
+            kept = f"the checkpoint of step {step} in {saved} is kept and finite"
+            if resume_hint:
+                kept += f"; continue from it with `{resume_hint} --lr <lower>`"
+        raise MinilmError(f"{e}. Stopped: {kept}") from None

@@ -6,7 +6,7 @@ computes what the base with the adapters applied computes, and `minilm sample` r
 
 from __future__ import annotations
 
-from pathlib import Path
+import math
 
 from minilm.errors import MinilmError
 
@@ -19,32 +19,37 @@ def add_parser(commands) -> None:
     p.add_argument("adapters", metavar="ADAPTER", nargs="+", help="adapter folders (OUT/adapter from finetune)")
     p.add_argument("--weights", metavar="W1,W2,...", help="one factor per adapter for a linear combination (default 1)")
     p.add_argument("--out", metavar="DIR", required=True, help="where to write the merged checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out folder an earlier merge wrote")
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="apply adapters trained on another base of the same shape (their fingerprint differs)")
     p.set_defaults(run=run)
 
 
 def floats(text: str, flag: str) -> list[float]:
-    """'0.5,0.5' -> [0.5, 0.5], or an error that shows the flag's syntax."""
+    """'0.5,0.5' -> [0.5, 0.5], or an error that shows the flag's syntax; nan and inf are refused."""
     try:
-        return [float(v) for v in text.split(",")]
+        values = [float(v) for v in text.split(",")]
     except ValueError:
         raise MinilmError(f"{flag} {text!r}: expected comma-separated numbers, e.g. {flag} 0.5,0.5") from None
+    if not all(math.isfinite(v) for v in values):
+        raise MinilmError(f"{flag} {text!r}: expected finite numbers, e.g. {flag} 0.5,0.5")
+    return values
 
 
 def run(args) -> int:
     import lora
-    from minilm import checkpoint
+    from minilm import checkpoint, folders
 
     base = checkpoint.load(args.base)
     weights = [1.0] * len(args.adapters) if args.weights is None else floats(args.weights, "--weights")
     if len(weights) != len(args.adapters):
         raise MinilmError(f"--weights has {len(weights)} values for {len(args.adapters)} adapters; give one each")
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise MinilmError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+    out = folders.check_output(args.out, "checkpoint", overwrite=args.overwrite,
+                               inputs=[args.base, base.path, *args.adapters])
     params, names = base.params, {}
     for i, path in enumerate(args.adapters):
-        params, cfg = lora.load_adapter(path, params, base.model_cfg, name=f"adapter{i}", tokenizer=base.tokenizer)
+        params, cfg = lora.load_adapter(path, params, base.model_cfg, name=f"adapter{i}", tokenizer=base.tokenizer,
+                                        allow_other_base=args.allow_other_base)
         names[cfg.name] = weights[i]
     merged = lora.merge(params, names)
     checkpoint.save(out, params=merged, opt_state={}, model_cfg=base.model_cfg, train_cfg=base.train_cfg,

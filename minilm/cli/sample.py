@@ -19,6 +19,8 @@ def add_parser(commands) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a run folder (from train --out) or its checkpoint/")
     p.add_argument("--prompt", help="text to continue, in the model's vocabulary (default: a newline)")
     p.add_argument("--adapter", metavar="DIR", help="apply a LoRA adapter (from finetune --lora) to the model")
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="apply an --adapter trained on another base of the same shape (its fingerprint differs)")
     add_config_flags(p, SampleConfig, "sampling")
     p.set_defaults(run=run)
 
@@ -29,15 +31,24 @@ def run(args) -> int:
 
     import lora
     from minilm import checkpoint
-    from minilm.generate import generate
+    from minilm.contention import available_memory_bytes
+    from minilm.generate import check_length, generate
 
     ckpt = checkpoint.load(args.checkpoint)
     cfg = SampleConfig(**given(args, SampleConfig))
     params = ckpt.params
     if args.adapter is not None:
-        params, _ = lora.load_adapter(args.adapter, params, ckpt.model_cfg, tokenizer=ckpt.tokenizer)
+        params, _ = lora.load_adapter(args.adapter, params, ckpt.model_cfg, tokenizer=ckpt.tokenizer,
+                                      allow_other_base=args.allow_other_base)
     prompt = args.prompt if args.prompt is not None else "\n"
     ids = ckpt.tokenizer.encode(prompt)
+    check_length(ckpt.model_cfg, len(ids), cfg.max_new_tokens)
+    m, context = ckpt.model_cfg, ckpt.model_cfg.context  # the key/value cache and one row of logits per sample, float32
+    needed = 4 * cfg.num_samples * (2 * m.layers * context * m.width + 4 * context * m.width + m.vocab_size)
+    available = available_memory_bytes()
+    if available is not None and needed > available:
+        raise MinilmError(f"--num-samples {cfg.num_samples} needs about {needed / 2**30:,.1f} GiB for its key/value "
+                          f"caches but {available / 2**30:,.1f} GiB are available; draw fewer samples at once")
     batch = np.tile(ids, (cfg.num_samples, 1))  # (num_samples, P)
     started = time.perf_counter()
     tokens = generate(params, batch, ckpt.model_cfg, key=jax.random.key(cfg.seed),

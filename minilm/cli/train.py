@@ -8,6 +8,7 @@ training flags (--steps, say) may change, never the model, the data or the seed.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 from minilm.cli.flags import add_config_flags, check_unchanged, given, preset_note
@@ -34,8 +35,9 @@ def add_parser(commands) -> None:
 def run(args) -> int:
     import jax
 
-    from minilm import checkpoint, train
-    from minilm.cli.fit import fit
+    from minilm import checkpoint, folders, train
+    from minilm.cli.fit import check_memory, fit
+    from minilm.cost import step_cost
     from minilm.data import check_fits, load_dataset
     from minilm.model import init
     from minilm.tree import partition
@@ -45,6 +47,7 @@ def run(args) -> int:
         raise MinilmError("--resume and --overwrite contradict each other; pass one of them")
     default_name = data_over.get("corpus") or Path(data_over.get("text") or "text").stem
     out = Path(args.out or f"runs/{args.preset}-{default_name}")
+    folders.check_path(out)
     if args.resume:
         ckpt = checkpoint.load(out)
         check_unchanged(ckpt.model_cfg, model_over, "model config")
@@ -52,22 +55,39 @@ def run(args) -> int:
         check_unchanged(ckpt.train_cfg, {k: v for k, v in train_over.items() if k == "seed"}, "seed")
         model_cfg, data_cfg = ckpt.model_cfg, ckpt.data_cfg
         train_cfg = dataclasses.replace(ckpt.train_cfg, **train_over)
-        data = load_dataset(data_cfg, seed=train_cfg.seed, tokenizer=ckpt.tokenizer)
         state = checkpoint.restore_training(ckpt, train_cfg)
+        if state.step >= train_cfg.steps:
+            raise MinilmError(f"the run in {out} is at step {state.step} and --steps is {train_cfg.steps}: nothing "
+                              f"to train; pass --steps N with N > {state.step} to extend it")
+        if folders.kind_of(out) is None:
+            warnings.warn(f"{out} was written before minilm marked its folders; marking it as a run now")
     else:
-        if (out / "checkpoint").exists() and not args.overwrite:
+        completed = checkpoint.is_complete(out / "checkpoint")  # checkpoint.old counts: it is recoverable
+        if completed and not args.overwrite:
             raise MinilmError(f"{out} already holds a training run; pass --resume to continue it, "
                               f"--overwrite to replace it, or choose another --out")
+        if completed or folders.kind_of(out) != "run":  # a run that saved nothing yet may start again
+            folders.check_output(out, "run", overwrite=args.overwrite)
         base_model, base_train = preset(args.preset)
         model_cfg = dataclasses.replace(base_model, **model_over)  # check every config before reading data
         train_cfg = dataclasses.replace(base_train, **train_over)
         data_cfg = DataConfig(**data_over)
+    if args.resume:
+        data = load_dataset(data_cfg, seed=train_cfg.seed, tokenizer=ckpt.tokenizer)
+    else:
         data = load_dataset(data_cfg, seed=train_cfg.seed)
         model_cfg = dataclasses.replace(model_cfg, vocab_size=data.tokenizer.size)
+        check_memory(step_cost(model_cfg, train_cfg.batch_size, None, train_cfg.grad_accum), "this model")
+    check_fits(data, model_cfg.context, data_cfg.text or f"corpus {data_cfg.corpus!r}")
+    # every input is checked: from here on the folder is this process's
+    folders.lock(out)  # one run per folder, until this process ends
+    if checkpoint.recover(out / "checkpoint"):
+        warnings.warn(f"recovered {out / 'checkpoint'} from checkpoint.old, left by an interrupted save")
+    folders.mark(out, "run")
+    if not args.resume:
         init_key, train_key = jax.random.split(jax.random.key(train_cfg.seed))
         trainable, frozen = partition(init(model_cfg, key=init_key), lambda name: True)
         state = train.start(trainable, frozen, train_cfg, key=train_key)
-    check_fits(data, model_cfg.context, data_cfg.text or f"corpus {data_cfg.corpus!r}")
 
     def save(state):
         checkpoint.save_training(out / "checkpoint", state, model_cfg=model_cfg, train_cfg=train_cfg,
