@@ -212,7 +212,7 @@ def test_bad_lengths_and_shapes_are_named():
     cfg = ModelConfig(vocab_size=11, context=13, width=12, layers=1, heads=3)
     params = init(cfg, key=jax.random.key(0))
     with pytest.raises(MinilmError, match="max_new_tokens = 0"):
-        generate(params, jnp.zeros((2, 3), jnp.int32), cfg, key=jax.random.key(1), max_new_tokens=0)
+        generate(params, jnp.zeros((2, 5), jnp.int32), cfg, key=jax.random.key(1), max_new_tokens=0)
     with pytest.raises(MinilmError, match=r"shape \(3,\)"):
         generate(params, jnp.zeros((3,), jnp.int32), cfg, key=jax.random.key(1), max_new_tokens=2)
     with pytest.raises(MinilmError, match="vocab_size = 0"):

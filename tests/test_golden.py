@@ -41,14 +41,14 @@ def state():
 
 def test_the_same_tensors(golden, state):
     assert sorted(state) == sorted(golden)
-    for case in ("full", "fused", "separate"):  # each holds its logits, loss, gradients and stepped parameters
-        assert {name.split(".")[1] for name in golden if name.startswith(case + ".")} == {"logits", "loss", "grad",
-                                                                                         "after"}
+    for case in ("full", "fused", "separate"):  # each: its logits, loss, gradients and stepped parameters
+        kinds = {name.split(".")[1] for name in golden if name.startswith(case + ".")}
+        assert kinds == {"logits", "loss", "grad", "after"}, case
 
 
 def _checked(name: str, golden) -> np.ndarray:
-    """Which entries of `name` must match to float32 rounding: all, except after an Adam step those whose
-    first gradient is nearly 0. Adam moves an entry by lr · g / (|g| + 1e-8) (its first step), so for
+    """Which entries of `name` must match to float32 rounding: all, except, after the Adam steps, those
+    whose first gradient is nearly 0. Adam moves an entry by lr · g / (|g| + 1e-8) (its first step), so for
     |g| near 1e-8 the move is decided by g's rounding error: a true 1e-9 with an error of 1e-9 moves
     anywhere between 0 and lr. Entries whose gradient is within 1e-3 of the tensor's largest are far
     from that (their error is about 1e-7 of the largest); the few that are not are only checked to have

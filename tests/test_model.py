@@ -345,7 +345,7 @@ def test_init_shapes():
 
 def test_init_values_follow_gpt2():
     # Width 96 and 3 layers: enough samples per matrix that +-15% on a std is many standard errors.
-    cfg = ModelConfig(vocab_size=101, context=67, width=96, heads=3, layers=3)
+    cfg = ModelConfig(vocab_size=101, context=67, width=96, heads=4, layers=3)
     leaves = {n: np.asarray(x) for n, x in named_leaves(init(cfg, key=jax.random.key(8))).items()}
     resid_std = 0.02 / math.sqrt(2 * cfg.layers)
     for name, x in leaves.items():

@@ -135,7 +135,8 @@ def test_gradient_accumulation_equals_one_big_batch(small_cfgs):
     opt = train.optimizer(train_cfg)
     step = train.make_step(model_cfg, train_cfg)
     big = step(trainable, frozen, opt.init(trainable), windows[None], jax.random.key(0))  # (1, 15, T + 1)
-    accumulated = step(trainable, frozen, opt.init(trainable), windows.reshape(3, 5, -1), jax.random.key(0))  # (3, 5, T + 1)
+    micro_batches = windows.reshape(3, 5, -1)  # (A 3, B 5, T + 1)
+    accumulated = step(trainable, frozen, opt.init(trainable), micro_batches, jax.random.key(0))
     np.testing.assert_allclose(big[2]["loss"], accumulated[2]["loss"], rtol=1e-6)
     for name, leaf in named_leaves(big[0]).items():
         np.testing.assert_allclose(leaf, named_leaves(accumulated[0])[name], rtol=1e-5, atol=1e-6, err_msg=name)

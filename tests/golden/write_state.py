@@ -14,6 +14,9 @@ so that every speed trick on the way is pinned: activations flattened to (B·T, 
 blocks (T = 66 > QUERY_BLOCK = 64, so two blocks), the GELU recomputed in the backward pass, LoRA's
 hand-written backward with its transposed thin factor, a shared A (fuse_qkv), the adapted tied
 embedding, gradient clipping and the donated step. A later change that alters the maths fails loudly.
+Full training trains every parameter but the key biases (see `inputs`). About 90 KiB: 20,000 float32
+numbers, most of them logits (T = 66 for the two query blocks) and the full model's gradients and
+stepped parameters.
 
 The values are computed by the same code run in float64 (JAX's x64 mode) and stored rounded to
 float32: the reference is then the exact answer to float32 rounding, not the accident of one CPU's
