@@ -46,6 +46,7 @@ def check_types(cfg, how=None) -> None:
         if value is None and type(None) in kinds:
             continue
         where = f"{f.name} = {value!r}"
+        example = "" if f.default is None else f", e.g. {f.default!r}"
         if how is not None:
             how_text = how(f.name)
         else:
@@ -55,16 +56,23 @@ def check_types(cfg, how=None) -> None:
                 raise MinilmError(f"{where} must be true or false{how_text}")
         elif int in kinds:
             if isinstance(value, bool) or not isinstance(value, int):
-                raise MinilmError(f"{where} must be a whole number, e.g. {f.default!r}{how_text}")
+                raise MinilmError(f"{where} must be a whole number{example}{how_text}")
             if abs(value) > LARGEST_INT:
                 raise MinilmError(f"{where} is too large: expected at most {LARGEST_INT:,}{how_text}")
         elif float in kinds:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise MinilmError(f"{where} must be a number, e.g. {f.default!r}{how_text}")
+                raise MinilmError(f"{where} must be a number{example}{how_text}")
             if not math.isfinite(value):
-                raise MinilmError(f"{where} must be a finite number, e.g. {f.default!r}{how_text}")
+                raise MinilmError(f"{where} must be a finite number{example}{how_text}")
         elif str in kinds and not isinstance(value, str):
-            raise MinilmError(f"{where} must be a string, e.g. {f.default!r}{how_text}")
+            raise MinilmError(f"{where} must be a string{example}{how_text}")
+
+
+def _check_at_least_zero(cfg, *names):
+    for name in names:
+        value = getattr(cfg, name)
+        if value < 0:
+            raise MinilmError(f"{name} = {value} must be >= 0; pass a value >= 0 with {_flag(name)}")
 
 
 def _check_positive(cfg, *names):
@@ -142,8 +150,7 @@ class TrainConfig:
             raise MinilmError(f"min_lr = {self.min_lr} must lie in [0, lr = {self.lr}]")
         if not 0 <= self.warmup < 1:
             raise MinilmError(f"warmup = {self.warmup} must lie in [0, 1): it is a fraction of the steps")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise MinilmError("weight_decay and grad_clip must be >= 0")
+        _check_at_least_zero(self, "weight_decay", "grad_clip", "seed")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise MinilmError(f"beta1 = {self.beta1} and beta2 = {self.beta2} must lie in [0, 1)")
         if self.dtype not in DTYPES:
@@ -164,6 +171,10 @@ class DataConfig:
 
     def __post_init__(self):
         check_types(self)
+        for name in ("corpus", "text"):
+            if getattr(self, name) == "":
+                raise MinilmError(f"{name} = '' is empty; pass a {'corpus name' if name == 'corpus' else 'file path'} "
+                                  f"with {_flag(name)}, or leave the flag out")
         if self.tokenizer not in TOKENIZERS:
             raise MinilmError(f"tokenizer = {self.tokenizer!r}; expected auto, char or word")
         if not 0 < self.val_fraction < 0.5:
@@ -187,8 +198,7 @@ class SampleConfig:
     def __post_init__(self):
         check_types(self)
         _check_positive(self, "max_new_tokens", "num_samples")
-        if self.temperature < 0 or self.top_k < 0:
-            raise MinilmError("temperature and top_k must be >= 0")
+        _check_at_least_zero(self, "temperature", "top_k", "seed")
         if not 0 < self.top_p <= 1:
             raise MinilmError(f"top_p = {self.top_p} must lie in (0, 1]")
 
@@ -230,5 +240,5 @@ def from_dict(cls, data: dict, what: str):
         raise MinilmError(f"{what}: unknown field(s) {unknown}; expected only {sorted(known)}")
     try:
         return cls(**data)
-    except TypeError as e:
+    except (TypeError, MinilmError) as e:  # the message names the field and the value; this names the file
         raise MinilmError(f"{what}: {e}") from None

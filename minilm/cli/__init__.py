@@ -25,8 +25,21 @@ from minilm.errors import MinilmError
 COMMANDS = (train, sample, finetune, merge, compare, bench)  # in the order `minilm --help` lists them
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose errors (a flag's bad value, an unknown flag) are one line as every other
+    error is, pointing to --help instead of printing the whole usage; subcommands' parsers are Parsers too."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
+def shorten(text: str, keep: int = 120) -> str:
+    """A path of thousands of characters, as an error message shows it: its start and its end."""
+    return text if len(text) <= keep else f"{text[:keep // 2]}...({len(text):,} characters)...{text[-keep // 2:]}"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="minilm",
         description="A textbook GPT in JAX: train it on toy corpora, sample from it, and see what "
                     "fine-tuning changes.")
@@ -39,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     if argv is None:  # a real command line (not a call from Python): restart once with glibc's tunables
         allocator.restart_with_tunables()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the command's own parser, so the line reads `minilm CMD: error: ...` too
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
 
     def say(kind: str, message) -> None:
         print(f"minilm {args.command}: {kind}: {message}", file=sys.stderr)
@@ -51,7 +68,7 @@ def main(argv=None) -> int:
         except MinilmError as e:
             say("error", e)
         except OSError as e:
-            where = f": {e.filename}" if e.filename else ""
+            where = f": {shorten(str(e.filename))}" if e.filename else ""
             say("error", f"{e.strerror or e}{where}")
         except MemoryError:
             say("error", "out of memory; choose a smaller model, batch or --num-samples")

@@ -5,7 +5,8 @@ needs: a progress bar, one JSON line of metrics per step in OUT/metrics.jsonl, a
 checkpoint_every steps and at the end, and a clean stop on Ctrl-C that saves first (exit status 130).
 A run that diverges (minilm.train.Diverged) stops at once: nothing more is saved, so the last
 checkpoint, written while the run was still finite, is kept, and the message says how to resume.
-Before any array is made, `check_memory` refuses a run the machine cannot hold.
+Before any array is made, `check_size` (in closed form) and `check_memory` (product by product) refuse a
+run the machine cannot hold.
 """
 
 from __future__ import annotations
@@ -24,6 +25,24 @@ def logged_step(line: str) -> float:
         return json.loads(line)["step"]
     except (json.JSONDecodeError, KeyError, TypeError):
         return float("inf")
+
+
+def check_size(model_cfg, batch_size: int, what: str) -> None:
+    """Refuse, in closed form and before anything is built, a model whose float32 parameters, gradients and
+    AdamW moments alone exceed the memory available now. minilm.cost.step_cost (check_memory) is exact but
+    lists every product of every layer, and initialising a model traces every layer: with --layers
+    100000000 either would fill the memory before it could say so."""
+    from minilm.contention import available_memory_bytes
+
+    m = model_cfg
+    params = m.layers * (4 * m.width ** 2 + 2 * m.width * m.mlp_width) + (m.vocab_size + m.context) * m.width
+    activations = batch_size * m.context * m.layers * m.width  # one float per token, layer and unit
+    needed = 4 * (4 * params + activations)  # parameters, gradients, two moments; float32
+    available = available_memory_bytes()
+    if available is not None and needed > available:
+        raise MinilmError(f"{what} needs more than {needed / 2**30:,.1f} GiB for its parameters, gradients, "
+                          f"optimizer state and activations, but {available / 2**30:,.1f} GiB are available; "
+                          f"choose a smaller --width, --layers, --mlp-ratio, --context or --batch-size")
 
 
 def check_memory(cost, what: str) -> None:

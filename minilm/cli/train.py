@@ -36,7 +36,7 @@ def run(args) -> int:
     import jax
 
     from minilm import checkpoint, folders, train
-    from minilm.cli.fit import check_memory, fit
+    from minilm.cli.fit import check_memory, check_size, fit
     from minilm.cost import step_cost
     from minilm.data import check_fits, load_dataset
     from minilm.model import init
@@ -49,6 +49,10 @@ def run(args) -> int:
     out = Path(args.out or f"runs/{args.preset}-{default_name}")
     folders.check_path(out)
     if args.resume:
+        if not checkpoint.is_complete(out):
+            checkpoint.resolve(out)  # its own message when nothing is there, or only a first save's leftovers
+            raise MinilmError(f"--resume: {out} holds no checkpoint (no checkpoint/ with a state.json); give the "
+                              f"--out of a `minilm train` run, or drop --resume to start one")
         ckpt = checkpoint.load(out)
         check_unchanged(ckpt.model_cfg, model_over, "model config")
         check_unchanged(ckpt.data_cfg, data_over, "data config")
@@ -77,6 +81,7 @@ def run(args) -> int:
     else:
         data = load_dataset(data_cfg, seed=train_cfg.seed)
         model_cfg = dataclasses.replace(model_cfg, vocab_size=data.tokenizer.size)
+        check_size(model_cfg, train_cfg.batch_size, "this model")
         check_memory(step_cost(model_cfg, train_cfg.batch_size, None, train_cfg.grad_accum), "this model")
     check_fits(data, model_cfg.context, data_cfg.text or f"corpus {data_cfg.corpus!r}")
     # every input is checked: from here on the folder is this process's
