@@ -15,6 +15,7 @@ or running out of memory. A library warning (an adapter too old to check, say) i
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import warnings
 
@@ -28,6 +29,13 @@ COMMANDS = (train, sample, finetune, merge, compare, bench)  # in the order `min
 class Parser(argparse.ArgumentParser):
     """argparse's parser, whose errors (a flag's bad value, an unknown flag) are one line as every other
     error is, pointing to --help instead of printing the whole usage; subcommands' parsers are Parsers too."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # argparse reads `--lr -1e-3` or `--lr -inf` as a missing value followed by an unknown flag, since only
+        # -N and -N.N look like numbers to it; let every float spelling through so the config can judge it.
+        self._negative_number_matcher = re.compile(
+            r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")

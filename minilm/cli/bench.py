@@ -84,18 +84,22 @@ def figure_formats() -> set[str]:
     return set(Figure().canvas.get_supported_filetypes())
 
 
-def check_inputs(args, model_cfg: ModelConfig, lora_cfg, modes: list[str]) -> None:
+def check_inputs(args, model_cfg: ModelConfig, train_cfg: TrainConfig, lora_cfg, modes: list[str]) -> None:
     """Fail before any timing on an adapter that does not fit, a bad sweep size or an unwritable file name;
     replaces args.sweep_widths and args.sweep_ranks by their lists of integers."""
     import lora
 
+    from minilm.cli.fit import check_size
+
     if args.steps <= 0:
         raise MinilmError(f"--steps {args.steps}: must be positive")
+    check_size(model_cfg, train_cfg.batch_size, "this bench's model")
     if "lora" in modes:
         lora.adapter_ranks(model_cfg, lora_cfg)
+    # read even without --sweep, so that a bad value is never silently ignored
+    args.sweep_widths = int_list(args.sweep_widths, "--sweep-widths")
+    args.sweep_ranks = int_list(args.sweep_ranks, "--sweep-ranks")
     if args.sweep:
-        args.sweep_widths = int_list(args.sweep_widths, "--sweep-widths")
-        args.sweep_ranks = int_list(args.sweep_ranks, "--sweep-ranks")
         for width in args.sweep_widths:
             try:
                 cfg = sweep_model(model_cfg, width)
@@ -120,6 +124,9 @@ def check_inputs(args, model_cfg: ModelConfig, lora_cfg, modes: list[str]) -> No
 def configs(args) -> tuple[ModelConfig, TrainConfig]:
     """The preset's model and training configs with the size flags given on the command line."""
     base_model, base_train = preset(args.preset)
+    if args.vocab_size < 1:  # bench has no tokenizer to set it from: the flag is the vocabulary
+        raise MinilmError(f"--vocab-size {args.vocab_size}: expected a vocabulary of at least 1 token, "
+                          f"e.g. --vocab-size {VOCAB_SIZE}")
     return (dataclasses.replace(base_model, **given(args, ModelConfig, MODEL_SIZES)),
             dataclasses.replace(base_train, **given(args, TrainConfig, TRAIN_SIZES)))
 
@@ -133,7 +140,7 @@ def run(args) -> int:
     model_cfg, train_cfg = configs(args)
     lora_cfg = lora.parse_spec(args.lora)
     modes = ["full", "lora"] if args.mode == "both" else [args.mode]
-    check_inputs(args, model_cfg, lora_cfg, modes)
+    check_inputs(args, model_cfg, train_cfg, lora_cfg, modes)
 
     print(f"minilm bench: width {model_cfg.width}, {model_cfg.layers} layers, {model_cfg.heads} heads, context "
           f"{model_cfg.context}, vocabulary {model_cfg.vocab_size}; batch {train_cfg.batch_size} x "

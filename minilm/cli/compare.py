@@ -66,6 +66,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from minilm import checkpoint, folders, report
+    from minilm.cli.flags import refuse_adapter
     from minilm.analysis.compare import Model, compare, make_probe
     from minilm.corpora import load_corpus
 
@@ -73,6 +74,7 @@ def run(args) -> int:
         raise MinilmError(f"--top-k {args.top_k}: expected a whole number >= 1, e.g. --top-k 10")
     if not 0 < args.epsilon <= 1:  # also refuses nan
         raise MinilmError(f"--epsilon {args.epsilon}: expected a |cosine| threshold in (0, 1], e.g. --epsilon 0.5")
+    refuse_adapter(args.base, "BASE", "give the model before fine-tuning first, then the adapter as a TUNED model")
     base = checkpoint.load(args.base)
     out = folders.check_output(args.out, "report", overwrite=args.overwrite, inputs=[args.base, base.path, *args.tuned])
     used: set = set()

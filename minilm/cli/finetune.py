@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from minilm.cli.flags import add_config_flags, describe_keys, given
+from minilm.cli.flags import add_config_flags, describe_keys, given, refuse_adapter
 from minilm.config import FINETUNE, LORA_LR, DataConfig, TrainConfig
 from minilm.errors import MinilmError
 
@@ -55,6 +55,8 @@ def run(args) -> int:
         raise MinilmError("--tokenizer: fine-tuning reads text with the base model's own tokenizer; drop the flag")
     train_cfg = dataclasses.replace(FINETUNE, **{**({"lr": LORA_LR} if lora_cfg else {}), **train_over})
     data_cfg = DataConfig(**data_over)
+    refuse_adapter(args.base, "BASE", "fine-tune the model it was trained on (merge it first with `minilm merge` "
+                   "to fine-tune the merged model)")
     base = checkpoint.load(args.base)
     out = folders.check_path(args.out or f"runs/{base.path.parent.name}-{'lora' if lora_cfg else 'full'}-"
                                          f"{data_cfg.corpus or Path(data_cfg.text or 'text').stem}")

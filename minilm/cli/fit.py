@@ -116,9 +116,9 @@ def fit(state, data, model_cfg, train_cfg, out: Path, save, *, resume: bool, sav
                     hint = f"; continue with `{resume_hint}`" if resume_hint else ""
                     print(f"\ninterrupted: saved step {state.step} to {saved}{hint}", file=sys.stderr)
                     return 130
-    finally:
+    finally:  # a failed save (disk full) too: the bar ends its line, so the error is a line of its own
+        bar.close()
         signal.signal(signal.SIGINT, previous_handler)
-    bar.close()
     print(f"done: step {state.step}, eval loss {eval_loss:.4f}\n"
           f"  saved       {saved}\n  metrics     {metrics_path}\n"
           f"  sample with {sample_hint}")

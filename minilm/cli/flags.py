@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
+from pathlib import Path
 
 from minilm.config import PRESETS
 from minilm.errors import MinilmError
@@ -77,3 +78,12 @@ def check_unchanged(saved, requested: dict, what: str) -> None:
         listing = "; ".join(f"{flag(k)} {new} (checkpoint: {old})" for k, (old, new) in changed.items())
         raise MinilmError(f"cannot --resume with a changed {what}: {listing}. Drop these flags to resume "
                           f"as saved, or start a new run in another --out folder")
+
+
+def refuse_adapter(path, role: str, hint: str) -> None:
+    """A model argument (`role`, e.g. BASE) that names a LoRA adapter folder, or the run folder holding one,
+    is refused with `hint` (how to pass the adapter instead), before the checkpoint reader calls it incomplete."""
+    path = Path(path)
+    if (path / "adapter_config.json").is_file() or (
+            (path / "adapter" / "adapter_config.json").is_file() and not (path / "checkpoint").exists()):
+        raise MinilmError(f"{role} {path} holds a LoRA adapter, not a model; {hint}")

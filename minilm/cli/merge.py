@@ -39,7 +39,9 @@ def floats(text: str, flag: str) -> list[float]:
 def run(args) -> int:
     import lora
     from minilm import checkpoint, folders
+    from minilm.cli.flags import refuse_adapter
 
+    refuse_adapter(args.base, "BASE", "give the model the adapters were trained on first, then the adapters")
     base = checkpoint.load(args.base)
     weights = [1.0] * len(args.adapters) if args.weights is None else floats(args.weights, "--weights")
     if len(weights) != len(args.adapters):

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
-from minilm.cli.flags import add_config_flags, given
+from minilm.cli.flags import add_config_flags, given, refuse_adapter
 from minilm.config import SampleConfig
 from minilm.errors import MinilmError
 
@@ -36,9 +35,7 @@ def run(args) -> int:
     from minilm.contention import available_memory_bytes
     from minilm.generate import check_length, generate
 
-    if (Path(args.checkpoint) / "adapter_config.json").is_file():
-        raise MinilmError(f"{args.checkpoint} is a LoRA adapter, not a model; give its base model and the adapter "
-                          f"as --adapter {args.checkpoint}")
+    refuse_adapter(args.checkpoint, "CHECKPOINT", "give the model it was trained on, and the adapter with --adapter")
     ckpt = checkpoint.load(args.checkpoint)
     cfg = SampleConfig(**given(args, SampleConfig))
     params = ckpt.params
