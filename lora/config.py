@@ -67,6 +67,15 @@ class LoraConfig:
             check_types(self, how=lambda key: f" (--lora {key}=...)")
         except MinilmError as e:
             fail(str(e))
+        for key in ("rank_pattern", "alpha_pattern"):
+            table = getattr(self, key)
+            if not isinstance(table, abc.Mapping) or not all(isinstance(k, str) and k for k in table):
+                fail(f"{key} = {table!r} must map target patterns to values, e.g. {key}=mlp.*:4")
+        for key in ("targets", "modules_to_save"):
+            if not isinstance(getattr(self, key), tuple):
+                fail(f"{key} = {getattr(self, key)!r} must be a tuple of names or patterns, e.g. ('attn.q',)")
+        if self.layers is not None and not isinstance(self.layers, tuple):
+            fail(f"layers = {self.layers!r} must be a tuple of block indices, e.g. (0, 1), or None for all")
         for pattern, alpha in self.alpha_pattern.items():
             if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
                 fail(f"alpha {alpha!r} (for {pattern}) must be a finite number, e.g. alpha_pattern={pattern}:16")
@@ -90,7 +99,8 @@ class LoraConfig:
         if self.fuse_qkv and self.init == "pissa":
             fail("fuse_qkv with init=pissa is undefined here: PiSSA takes each matrix's own singular vectors "
                  "as its A, so q, k and v cannot share one; choose one")
-        if self.layers is not None and any(not isinstance(i, int) or i < 0 for i in self.layers):
+        if self.layers is not None and any(isinstance(i, bool) or not isinstance(i, int) or i < 0
+                                           for i in self.layers):
             fail(f"layers = {self.layers} must be block indices >= 0")
         if not self.name.isidentifier():
             fail(f"name = {self.name!r} must be a simple identifier, e.g. name=style")
