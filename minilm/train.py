@@ -80,8 +80,18 @@ def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(clip, adamw)
 
 
-@functools.cache  # one compiled step per (model, training, loss, donate): runs in one process share it
+# What a step does not read: runs that differ only in these (another seed, say) share one compiled step.
+NOT_IN_THE_STEP = {"seed": 0, "eval_every": 1, "eval_batches": 1, "checkpoint_every": 1}
+
+
 def make_step(model_cfg: ModelConfig, train_cfg: TrainConfig, loss=loss_fn, *, donate: bool = False):
+    """The jit-compiled step for this model and training (see `_make_step`), one per process for all
+    the runs that share what the step reads: seeds and evaluation settings do not count."""
+    return _make_step(model_cfg, replace(train_cfg, **NOT_IN_THE_STEP), loss, donate=donate)
+
+
+@functools.cache  # one compiled step per (model, training, loss, donate): runs in one process share it
+def _make_step(model_cfg: ModelConfig, train_cfg: TrainConfig, loss=loss_fn, *, donate: bool = False):
     """The jit-compiled step: (trainable, frozen, opt_state, windows (A, B, T + 1), key) ->
     (trainable, opt_state, metrics). The A micro-batches' gradients are averaged, then one update.
 

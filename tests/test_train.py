@@ -1,5 +1,7 @@
 """Training: it learns, it is deterministic, it resumes exactly, and frozen means frozen."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -198,3 +200,12 @@ def test_optax_masked_is_not_how_we_freeze():
     grads = {"frozen": jnp.full(3, 5.0), "trainable": jnp.full(3, 5.0)}
     updates, _ = opt.update(grads, opt.init(params), params)
     np.testing.assert_array_equal(updates["frozen"], grads["frozen"])  # not zero: it would still move
+
+
+def test_runs_that_differ_only_in_what_the_step_does_not_read_share_one_compiled_step(small_cfgs):
+    model_cfg, train_cfg = small_cfgs
+    step = train.make_step(model_cfg, train_cfg)
+    for other in (dict(seed=11), dict(eval_every=3, eval_batches=5), dict(checkpoint_every=2)):
+        assert train.make_step(model_cfg, dataclasses.replace(train_cfg, **other)) is step, other
+    for other in (dict(lr=train_cfg.lr / 2), dict(steps=train_cfg.steps + 1), dict(grad_clip=0.0)):
+        assert train.make_step(model_cfg, dataclasses.replace(train_cfg, **other)) is not step, other
