@@ -141,6 +141,14 @@ def test_distance_matrix_matches_loop():
     assert (np.diag(d) == 0).all() and (d == d.T).all()
 
 
+def test_distance_matrix_keeps_precision_for_a_tight_cluster_far_from_the_origin():
+    """Points 1e-4 apart around a centre 1e4 away: |a|² + |b|² - 2a·b subtracts numbers near 1e8 to get
+    ones near 1e-8, so float64 keeps no digit of them; differences (the reference) and centring do."""
+    x = 1e4 + 1e-4 * random_rows(3, d=D2)  # (M, D2)
+    want = np.linalg.norm(x[:, None, :] - x[None, :, :], axis=-1)  # (M, M) from explicit differences
+    np.testing.assert_allclose(geometry.distance_matrix(x), want, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
 def test_nearest_neighbours_matches_sorting(metric):
     x = random_rows(2)

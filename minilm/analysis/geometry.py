@@ -63,9 +63,13 @@ def distance_matrix(x) -> np.ndarray:
     """Euclidean distance of every pair of rows: D[i, j] = |x_i - x_j|.
 
     Computed as sqrt(|x_i|² + |x_j|² - 2 x_i·x_j), which needs (M, M) memory rather than the (M, M, D)
-    of explicit differences. Args: x (M, D). Returns: (M, M), symmetric, zero diagonal.
+    of explicit differences, after moving the origin to the points' mean. Distances do not change, but
+    the squared norms do: far from the origin they are huge next to a tight cluster's squared distances
+    and the subtraction cancels every digit (points 1e-4 apart at 1e4 lose all of them in float64).
+    Args: x (M, D). Returns: (M, M), symmetric, zero diagonal.
     """
     x = _rows(x)
+    x = x - x.mean(axis=0)  # (M, D) centred: norms now as small as the spread, so nothing cancels
     sq = (x * x).sum(axis=1)  # (M,)
     d2 = sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)  # (M, M)
     d = np.sqrt(np.maximum(d2, 0.0))  # cancellation can leave tiny negatives for (near-)equal rows
