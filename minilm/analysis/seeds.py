@@ -1,0 +1,123 @@
+"""An answer is a distribution over seeds: per-seed values -> mean, 95% interval, test, verdict.
+
+A claim such as "bound pairs move closer than controls" is about fine-tuning in general, not about one
+run, so it is measured once per seed (a seed is the whole pipeline: its own base, fine-tunes and data
+order) and judged on the spread of those N numbers:
+
+* interval  mean ± t(0.975, N-1) · s / √N, Student's t over seeds (s the sample standard deviation).
+            Why t and not a bootstrap: at N = 5 a percentile bootstrap resamples the same five numbers,
+            so its interval never leaves their range and its spread of the mean is too small by
+            √((N-1)/N) before any other error; it undercovers badly (Efron & Tibshirani 1993, "An
+            Introduction to the Bootstrap", §13). The t interval is exact for normal per-seed values
+            and widens honestly as N shrinks (t(0.975, 4) = 2.776 against the normal 1.960).
+* test      a one-sample t-test of the mean against the claim's threshold, two-sided, so that at level
+            α = 0.05 "rejected" is exactly "the 95% interval excludes the threshold".
+* family    one report makes many verdicts; Holm's step-down correction (Holm 1979, "A Simple
+            Sequentially Rejective Multiple Test Procedure") keeps the chance of any false verdict in
+            the report at most α, whatever the dependence between the tests, and rejects at least as
+            much as Bonferroni.
+* verdict   "true" or "false" only when the corrected test rejects, in the claim's direction or against
+            it; otherwise "not settled by N seeds". The interval is always shown with it.
+
+If every seed gives the same value (s = 0, e.g. a weight that LoRA cannot touch stays bit-identical),
+that value is certain: the interval is that point, and p is 0 unless it equals the threshold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+from minilm.errors import MinilmError
+
+ALPHA = 0.05  # family-wise error of one report's verdicts
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One number a claim rests on, measured once per seed, and what the claim says about it."""
+
+    label: str                  # which model / part of the claim: "full", "lora-qv-r8 forgets less"
+    values: tuple[float, ...]   # one per seed, in seed order
+    threshold: float            # fixed in the claim's text before the run
+    above: bool                 # the claim: mean > threshold (True) or mean < threshold (False)
+    mean: float
+    low: float                  # the 95% t interval over seeds (NaN below two seeds)
+    high: float
+    p: float                    # two-sided one-sample t-test of mean = threshold, uncorrected
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+
+def finding(label: str, values: Sequence[float], threshold: float, *, above: bool = True,
+            level: float = 1 - ALPHA) -> Finding:
+    """The mean, the `level` t interval and the t-test against `threshold` of per-seed `values`.
+
+    t = (mean - threshold) / (s / √N), p = 2 · P(T_{N-1} > |t|); interval mean ± t_{(1+level)/2, N-1} s/√N.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or len(x) == 0 or not np.isfinite(x).all():
+        raise MinilmError(f"{label}: expected one finite number per seed, got {list(values)}")
+    mean, n = float(x.mean()), len(x)
+    if n < 2:  # no spread to judge by
+        return Finding(label, tuple(x.tolist()), threshold, above, mean, float("nan"), float("nan"), 1.0)
+    s = float(x.std(ddof=1))
+    if s == 0:
+        return Finding(label, tuple(x.tolist()), threshold, above, mean, mean, mean, float(mean == threshold))
+    se = s / np.sqrt(n)
+    half = float(stats.t.ppf((1 + level) / 2, df=n - 1)) * se
+    p = float(2 * stats.t.sf(abs(mean - threshold) / se, df=n - 1))
+    return Finding(label, tuple(x.tolist()), threshold, above, mean, float(mean - half), float(mean + half), p)
+
+
+def holm(p_values: Sequence[float]) -> np.ndarray:
+    """Holm-adjusted p-values: reject hypothesis i at family-wise level α iff adjusted[i] <= α.
+
+    Sorted ascending p_(1) <= ... <= p_(m), adjusted p_(j) = max over i <= j of min(1, (m - i + 1) p_(i)):
+    the smallest is compared with α/m, the next with α/(m-1), ..., stopping at the first that fails.
+    """
+    p = np.asarray(p_values, dtype=np.float64)
+    m = len(p)
+    order = np.argsort(p, kind="stable")
+    scaled = np.minimum(1.0, (m - np.arange(m)) * p[order])  # (m - i + 1) p_(i), i from 1
+    adjusted = np.empty(m)
+    adjusted[order] = np.maximum.accumulate(scaled)  # step-down: once one fails, all larger fail
+    return adjusted
+
+
+def verdict(f: Finding, p_adjusted: float, alpha: float = ALPHA) -> str:
+    """'true' / 'false' when the (corrected) test rejects, by which side the mean lies on; else not settled."""
+    if p_adjusted > alpha:
+        return f"not settled by {f.n} seed{'s' if f.n != 1 else ''}"
+    return "true" if (f.mean > f.threshold) == f.above else "false"
+
+
+def settle(findings: Sequence[Finding], alpha: float = ALPHA) -> list[str]:
+    """The verdict of each finding, Holm-corrected over all of them (one report's family)."""
+    adjusted = holm([f.p for f in findings]) if findings else []
+    return [verdict(f, q, alpha) for f, q in zip(findings, adjusted)]
+
+
+def combine(labelled: Sequence[tuple[str, str]]) -> str:
+    """One claim's verdict from its findings' (label, verdict): the common verdict if they agree,
+    else which labels it is true, false and not settled for ("true for full; not settled by 5 seeds
+    for lora-qv-r8")."""
+    verdicts = [v for _, v in labelled]
+    if verdicts and all(v == verdicts[0] for v in verdicts):
+        return verdicts[0]
+    parts = {}
+    for label, v in labelled:
+        parts.setdefault(v, []).append(label)
+    return "; ".join(f"{v} for {', '.join(labels)}" for v, labels in parts.items())
+
+
+def interval_text(f: Finding, digits: int = 3) -> str:
+    """'+0.012 [-0.004, +0.028]' — the mean and its interval, as the report prints them."""
+    if not np.isfinite(f.low):
+        return f"{f.mean:+.{digits}g} (one seed: no interval)"
+    return f"{f.mean:+.{digits}g} [{f.low:+.{digits}g}, {f.high:+.{digits}g}]"
