@@ -99,12 +99,20 @@ def load_adapter(path: Path, base_params, base_cfg: ModelConfig, name: str | Non
                          for k, v in to_dict(trained_on).items() if getattr(base_cfg, k) != v)
         raise MinilmError(f"the adapter in {path} was trained on a different base model ({diff})")
     saved_vocab = data.get("base_vocabulary")
-    if tokenizer is not None and saved_vocab is not None and Tokenizer.from_json(saved_vocab) != tokenizer:
-        theirs = Tokenizer.from_json(saved_vocab).vocab
+    try:
+        trained_vocab = None if saved_vocab is None else Tokenizer.from_json(saved_vocab)
+    except MinilmError as e:
+        raise MinilmError(f"{config_path} [base_vocabulary]: {e}") from None
+    if tokenizer is not None and trained_vocab is not None and trained_vocab != tokenizer:
+        theirs = trained_vocab.vocab
         diff = [f"{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(theirs, tokenizer.vocab)) if a != b][:3]
         raise MinilmError(f"the adapter in {path} was trained with another vocabulary of the same size "
                           f"(token id adapter vs base: {', '.join(diff)}); use the base it was trained on")
-    digest, trained_base = (data.get("sha256") or {}).get("adapter_model.safetensors"), data.get("base_fingerprint")
+    digests, trained_base = data.get("sha256", {}), data.get("base_fingerprint")
+    if not isinstance(digests, dict) or not isinstance(trained_base, (str, type(None))):
+        raise MinilmError(f"{config_path} is damaged: sha256 must map file names to digests and base_fingerprint "
+                          f"be a digest")
+    digest = digests.get("adapter_model.safetensors")
     if digest is None or trained_base is None:
         warnings.warn(f"the adapter in {path} was saved without a digest or base fingerprint (an older minilm): "
                       f"its integrity and its base cannot be checked", stacklevel=2)

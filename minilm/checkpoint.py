@@ -32,13 +32,14 @@ from safetensors.numpy import load_file, save_file
 
 from minilm.config import DataConfig, ModelConfig, TrainConfig, from_dict, to_dict
 from minilm.errors import MinilmError
-from minilm.folders import LOCK, lock, mark, release, write_text_atomic  # noqa: F401 (write_text_atomic: re-exported)
+from minilm.folders import LOCK, kind_of, lock, mark, release, write_text_atomic  # noqa: F401 (write_text_atomic: re-exported)
 from minilm.model import param_shapes
 from minilm.tokenizer import Tokenizer
 from minilm.train import TrainState, optimizer
 from minilm.tree import combine, fill, named_leaves, partition
 
 ARRAY_FILES = ("model.safetensors", "optimizer.safetensors")
+DIGESTED = (*ARRAY_FILES, "config.json", "tokenizer.json")  # state.json records the SHA-256 of each
 
 
 @dataclass(frozen=True)
@@ -72,14 +73,14 @@ def staging_dir(path: Path) -> Path:
     """An empty folder beside `path` to build its next version in, locked by this process (folders.lock).
 
     A `NAME.tmp` left by a killed write is cleared first; one that another process is writing is refused,
-    and so is one minilm did not make (neither empty nor holding minilm's lock file)."""
+    and so is one minilm did not make (neither empty nor holding minilm's lock file or mark)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     if tmp.is_symlink() or (tmp.exists() and not tmp.is_dir()):
         raise MinilmError(f"{tmp} is in the way: minilm builds {path.name} there; move it away")
     if tmp.is_dir():
         contents = {f.name for f in tmp.iterdir()}
-        if contents and LOCK not in contents:
+        if contents and LOCK not in contents and kind_of(tmp) is None:
             raise MinilmError(f"{tmp} exists and was not made by minilm; minilm builds {path.name} there and "
                               f"never deletes what it did not write: move it away")
         if contents:
@@ -94,10 +95,9 @@ def staging_dir(path: Path) -> Path:
 def swap_in(tmp: Path, path: Path) -> None:
     """Replace folder `path` by the complete folder `tmp` with two renames; a kill in between leaves
     the old version whole as `path.old`, which `resolve` falls back to. A symlinked `path` is followed:
-    the folder it points to is replaced, and the link stays. The lock staging_dir took is given up."""
-    path = Path(path)
-    (tmp / LOCK).unlink(missing_ok=True)
-    release(tmp)
+    the folder it points to is replaced, and the link stays. The lock staging_dir took is given up
+    once the new version is in place (a kill before that leaves `tmp` marked: the next save clears it)."""
+    path, staged = Path(path), tmp
     if path.is_symlink():
         path = Path(os.path.realpath(path))
         tmp = tmp.rename(path.with_name(tmp.name))  # beside the real folder, so the renames stay on one disk
@@ -106,6 +106,8 @@ def swap_in(tmp: Path, path: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
         path.rename(old)  # from here until the next rename, `old` is the whole previous version
     tmp.rename(path)
+    (path / LOCK).unlink(missing_ok=True)
+    release(staged)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -163,7 +165,7 @@ def save(path: Path, *, params, opt_state, model_cfg: ModelConfig, train_cfg: Tr
         _write_json(tmp / "config.json", {"model": to_dict(model_cfg), "train": to_dict(train_cfg),
                                           "data": to_dict(data_cfg)})
         tokenizer.save(tmp / "tokenizer.json")
-        _write_json(tmp / "state.json", {**state, "sha256": {f: file_sha256(tmp / f) for f in ARRAY_FILES}})
+        _write_json(tmp / "state.json", {**state, "sha256": {f: file_sha256(tmp / f) for f in DIGESTED}})
         mark(tmp, "checkpoint")
         _fsync_tree(tmp)
     except (OSError, SafetensorError, MinilmError) as e:
@@ -185,8 +187,14 @@ def is_complete(path: Path) -> bool:
 def resolve(path: Path) -> Path:
     """A run folder (holding checkpoint/) or a checkpoint folder -> the checkpoint folder to read."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise MinilmError(f"{path} is a file, not a checkpoint folder; give a folder written by "
+                          f"`minilm train --out DIR` (DIR or DIR/checkpoint)")
     if any((path / name).is_dir() for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp")):
         path = path / "checkpoint"
+    if path.is_dir() and not any((path / f).exists() for f in (*DIGESTED, "state.json")):
+        raise MinilmError(f"{path} holds no checkpoint; give a folder written by `minilm train --out DIR` "
+                          f"(DIR or DIR/checkpoint)")
     if not path.is_dir():
         old = path.with_name(path.name + ".old")
         if old.is_dir():
@@ -223,10 +231,18 @@ def _read_arrays(path: Path, digest: str | None) -> dict[str, np.ndarray]:
 def load(path: Path) -> Checkpoint:
     """Read and check a checkpoint: digests, configs, and every tensor's name and shape."""
     path = resolve(path)
-    config = _read_json(path / "config.json", "configs")
     state = _read_json(path / "state.json", "training state")
-    if not isinstance(config, dict) or not isinstance(state, dict):
-        raise MinilmError(f"{path}: config.json and state.json must each hold a JSON object")
+    digests = state.pop("sha256", {}) if isinstance(state, dict) else None
+    if not isinstance(digests, dict):
+        raise MinilmError(f"{path}/state.json is damaged: it must hold a JSON object whose sha256 maps file names "
+                          f"to digests")
+    for name in ("config.json", "tokenizer.json"):  # recorded since this round; older checkpoints lack them
+        if name in digests and (path / name).is_file() and file_sha256(path / name) != digests[name]:
+            raise MinilmError(f"{path / name} does not match the SHA-256 recorded in state.json: the file was "
+                              f"altered after it was saved; use another checkpoint")
+    config = _read_json(path / "config.json", "configs")
+    if not isinstance(config, dict):
+        raise MinilmError(f"{path}: config.json must hold a JSON object")
     model_cfg = from_dict(ModelConfig, config.get("model"), f"{path}/config.json [model]")
     train_cfg = from_dict(TrainConfig, config.get("train"), f"{path}/config.json [train]")
     data_cfg = from_dict(DataConfig, config.get("data"), f"{path}/config.json [data]")
@@ -238,7 +254,6 @@ def load(path: Path) -> Checkpoint:
     if tokenizer.size != model_cfg.vocab_size:
         raise MinilmError(f"{path}: tokenizer.json has {tokenizer.size} tokens but the model config says "
                           f"vocab_size = {model_cfg.vocab_size}")
-    digests = state.pop("sha256", {})
     arrays = _read_arrays(path / "model.safetensors", digests.get("model.safetensors"))
     check_finite(arrays, f"{path}/model.safetensors")
     params = fill(param_shapes(model_cfg), arrays, f"{path}/model.safetensors")

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from minilm.errors import MinilmError
 
 LARGEST_INT = 2**31 - 1  # steps, sizes and seeds live in int32 arrays (positions, counters, PRNG seeds)
+MAX_CORPUS_SIZE = 1_000_000  # lines of a built-in corpus, generated in memory
 
 
 def option(default, help: str, **metadata):
@@ -179,8 +180,9 @@ class DataConfig:
             raise MinilmError(f"tokenizer = {self.tokenizer!r}; expected auto, char or word")
         if not 0 < self.val_fraction < 0.5:
             raise MinilmError(f"val_fraction = {self.val_fraction} must lie in (0, 0.5)")
-        if self.corpus_size is not None and self.corpus_size <= 0:
-            raise MinilmError(f"corpus_size = {self.corpus_size} must be positive")
+        if self.corpus_size is not None and not 0 < self.corpus_size <= MAX_CORPUS_SIZE:
+            raise MinilmError(f"corpus_size = {self.corpus_size} must lie in 1..{MAX_CORPUS_SIZE:,} (the built-in "
+                              f"corpora are generated in memory); pass a smaller --corpus-size")
 
 
 @dataclass(frozen=True, kw_only=True)

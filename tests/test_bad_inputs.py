@@ -383,6 +383,10 @@ def damaged_copy(base_run, tmp_path, name, file, edit):
     data = json.loads(path.read_text())
     edit(data)
     path.write_text(json.dumps(data))
+    state_path = copy / "checkpoint" / "state.json"  # as if saved before digests of the JSON files: their
+    state = json.loads(state_path.read_text())      # own checks are reached (a digest would catch the edit)
+    state["sha256"].pop(file, None)
+    state_path.write_text(json.dumps(state))
     return copy
 
 

@@ -106,12 +106,34 @@ def test_corrupt_array_file_without_digest(saved):
         checkpoint.load(path)
 
 
+def as_if_saved_before_digests(path, name):
+    """Drop the digest state.json keeps of `name` (checkpoints of earlier rounds had none): the checks
+    behind it are reached."""
+    state = json.loads((path / "state.json").read_text())
+    del state["sha256"][name]
+    (path / "state.json").write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json"])
+def test_an_edited_config_or_vocabulary_is_caught_by_its_digest(saved, name):
+    path, _ = saved
+    data = json.loads((path / name).read_text())
+    if name == "tokenizer.json":
+        data["vocab"] = data["vocab"][::-1]  # the same size, another order: decoding would be wrong
+    else:
+        data["train"]["lr"] /= 2
+    (path / name).write_text(json.dumps(data))
+    with pytest.raises(MinilmError, match=f"{name} does not match the SHA-256 recorded in state.json"):
+        checkpoint.load(path)
+
+
 def test_arrays_that_do_not_match_the_config(saved):
     path, _ = saved
     config = json.loads((path / "config.json").read_text())
     config["model"]["width"] = 15  # 5 heads of 3 instead of 3 heads of 4: a valid config, other shapes
     config["model"]["heads"] = 5
     (path / "config.json").write_text(json.dumps(config))
+    as_if_saved_before_digests(path, "config.json")
     with pytest.raises(MinilmError, match=r"tensor 'blocks.0.attn.k.b' has shape \(12,\) but the config "
                                           r"expects \(15,\)"):
         checkpoint.load(path)
@@ -122,6 +144,7 @@ def test_config_with_unknown_field_or_bad_json(saved):
     config = json.loads((path / "config.json").read_text())
     config["model"]["depth"] = 3
     (path / "config.json").write_text(json.dumps(config))
+    as_if_saved_before_digests(path, "config.json")
     with pytest.raises(MinilmError, match=r"unknown field\(s\) \['depth'\]"):
         checkpoint.load(path)
     (path / "config.json").write_text("{")
@@ -132,6 +155,7 @@ def test_config_with_unknown_field_or_bad_json(saved):
 def test_tokenizer_that_does_not_match_the_vocab_size(saved):
     path, _ = saved
     (path / "tokenizer.json").write_text(json.dumps({"kind": "char", "vocab": list("abc")}))
+    as_if_saved_before_digests(path, "tokenizer.json")
     with pytest.raises(MinilmError, match="tokenizer.json has 3 tokens but the model config says vocab_size = 14"):
         checkpoint.load(path)
 

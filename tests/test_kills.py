@@ -24,28 +24,31 @@ from minilm.cli import main
 SMALL = ["--corpus", "arithmetic", "--corpus-size", "300", "--context", "16", "--width", "16", "--layers", "1",
          "--heads", "2", "--batch-size", "4", "--eval-batches", "2", "--eval-every", "3", "--checkpoint-every", "1"]
 STEPS = "6"
-# A real train run whose n-th swap over an earlier checkpoint (the save of step n + 1) stops (and waits to be killed) right after its first rename,
-# checkpoint -> checkpoint.old, before checkpoint.tmp -> checkpoint.
-BETWEEN_RENAMES = """
+# A real train run that stops (and waits to be killed) at the n-th rename of `source` (checkpoint: the
+# first rename of a swap, to checkpoint.old; checkpoint.tmp: the rename that puts a save in place).
+STOP_AT_RENAME = """
 import pathlib, sys, time
 from minilm.cli import main
-n, flag, seen, rename = int(sys.argv[1]), sys.argv[2], [0], pathlib.Path.rename
-def stop_between(self, target):
-    result = rename(self, target)
-    if self.name == "checkpoint" and pathlib.Path(target).name == "checkpoint.old":
+n, flag, source, seen, rename = int(sys.argv[1]), sys.argv[2], sys.argv[3], [0], pathlib.Path.rename
+def stop_at(self, target):
+    if self.name == source:
         seen[0] += 1
-        if seen[0] == n:
+        if seen[0] == n and source == "checkpoint.tmp":
             open(flag, "w").close()
             time.sleep(120)
+    result = rename(self, target)
+    if self.name == source and seen[0] == n and source == "checkpoint":
+        open(flag, "w").close()
+        time.sleep(120)
     return result
-pathlib.Path.rename = stop_between
-sys.exit(main(sys.argv[3:]))
+pathlib.Path.rename = stop_at
+sys.exit(main(sys.argv[4:]))
 """
 
 
 def start(argv, tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([sys.executable, "-c", BETWEEN_RENAMES, *argv], stdout=subprocess.DEVNULL,
+    return subprocess.Popen([sys.executable, "-c", STOP_AT_RENAME, *argv], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=env)
 
 
@@ -87,7 +90,7 @@ def same(a: dict, b: dict) -> bool:
 
 def test_a_kill_after_a_save_resumes_bit_for_bit(tmp_path, uninterrupted):
     out = tmp_path / "run"
-    p = start(["0", str(tmp_path / "never"), "train", *SMALL, "--steps", STEPS, "--out", str(out)], tmp_path)
+    p = start(["0", str(tmp_path / "never"), "-", "train", *SMALL, "--steps", STEPS, "--out", str(out)], tmp_path)
     kill_when(p, lambda: (out / "checkpoint" / "state.json").is_file())
     assert checkpoint.load(out).state["step"] >= 1
     assert resume(out) == 0
@@ -95,11 +98,10 @@ def test_a_kill_after_a_save_resumes_bit_for_bit(tmp_path, uninterrupted):
 
 
 def test_a_kill_during_the_first_save_says_none_was_completed(tmp_path, capsys, uninterrupted):
-    out = tmp_path / "run"
-    p = start(["0", str(tmp_path / "never"), "train", *SMALL, "--steps", STEPS, "--out", str(out)], tmp_path)
-    kill_when(p, lambda: (out / "checkpoint.tmp").exists())
-    if checkpoint.is_complete(out):
-        pytest.skip("the first save finished before the kill landed")
+    out, flag = tmp_path / "run", tmp_path / "flag"
+    p = start(["1", str(flag), "checkpoint.tmp", "train", *SMALL, "--steps", STEPS, "--out", str(out)], tmp_path)
+    kill_when(p, flag.exists)  # the first save is written, not yet renamed into place
+    assert flag.exists() and not checkpoint.is_complete(out) and (out / "checkpoint.tmp").is_dir()
     capsys.readouterr()
     assert resume(out) == 2
     assert "no checkpoint was completed yet" in capsys.readouterr().err
@@ -110,7 +112,7 @@ def test_a_kill_during_the_first_save_says_none_was_completed(tmp_path, capsys, 
 
 def killed_between_renames(tmp_path, n: int) -> Path:
     out, flag = tmp_path / "run", tmp_path / "flag"
-    p = start([str(n), str(flag), "train", *SMALL, "--steps", STEPS, "--out", str(out)], tmp_path)
+    p = start([str(n), str(flag), "checkpoint", "train", *SMALL, "--steps", STEPS, "--out", str(out)], tmp_path)
     kill_when(p, flag.exists)
     assert flag.exists(), "the run never reached its swap"
     assert not (out / "checkpoint").exists() and (out / "checkpoint.old").is_dir()
@@ -122,11 +124,6 @@ def test_a_kill_between_the_renames_keeps_the_previous_checkpoint(tmp_path):
     assert checkpoint.load(out).state["step"] == 3  # read from checkpoint.old: the save of step 4 never landed
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "minilm/checkpoint.py: swap_in removes checkpoint.tmp's lock file before its two renames, so a kill between "
-    "them leaves a complete, minilm-marked checkpoint.tmp without .minilm.lock, and staging_dir then refuses "
-    "it at every later save ('exists and was not made by minilm'): --resume is stuck until the user deletes "
-    "it. Fix: staging_dir should also clear a NAME.tmp that carries minilm's mark (folders.kind_of)"))
 def test_a_kill_between_the_renames_then_resume_is_bit_for_bit(tmp_path, uninterrupted):
     out = killed_between_renames(tmp_path, 4)
     assert resume(out) == 0
