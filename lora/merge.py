@@ -10,8 +10,6 @@ models compute the same function (tests/test_lora.py checks it to float32 roundi
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import jax
 
 from lora.stack import fill_shared_a, is_lora, levels, restack

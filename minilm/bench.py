@@ -240,8 +240,8 @@ def sampling_speed(model_cfg: ModelConfig, new_tokens: int | None = None, seed: 
     out = {"new_tokens": new_tokens}
     for name, cached in (("cached", True), ("uncached", False)):
         def run(cached=cached):
-            return wait_until_ready(generate(params, prompt, model_cfg, key=jax.random.key(seed), max_new_tokens=new_tokens,
-                                  temperature=1.0, use_cache=cached))
+            return wait_until_ready(generate(params, prompt, model_cfg, key=jax.random.key(seed),
+                                             max_new_tokens=new_tokens, temperature=1.0, use_cache=cached))
         start = time.perf_counter()
         run()  # compiles
         out[f"{name}_compile_s"] = time.perf_counter() - start

@@ -259,7 +259,8 @@ def summarise(result: dict) -> dict[str, list[str]]:
                 + f". {still} of {len(w)} tensors are exactly unchanged.")
             fractions = [r["energy_rank_delta"] / min(r["shape"]) for r in changed.values()]
             median_rank = float(np.median([r["energy_rank_delta"] for r in changed.values()]))
-            lines.append(f"The change is {'low-rank' if np.median(fractions) < 0.25 else 'spread over many directions'}: "
+            shape = "low-rank" if np.median(fractions) < 0.25 else "spread over many directions"
+            lines.append(f"The change is {shape}: "
                          f"the median matrix needs {median_rank:g} directions for 90% of ||ΔW||² "
                          f"({100 * np.median(fractions):.0f}% of its full rank).")
             intruders = {n: r["intruder_count"] for n, r in changed.items() if r["intruder_count"]}

@@ -63,7 +63,7 @@ def run(args) -> int:
     saved = out / ("adapter" if lora_cfg else "checkpoint")
     inputs = [Path(args.base), base.path]
     folders.check_output(saved, "adapter" if lora_cfg else "checkpoint", overwrite=args.overwrite, inputs=inputs)
-    if folders.kind_of(out) != "run":  # finetune writes metrics.jsonl beside what it saves: not into a stranger's folder
+    if folders.kind_of(out) != "run":  # metrics.jsonl goes beside what it saves: never into a stranger's folder
         folders.check_output(out, "run", overwrite=args.overwrite, inputs=inputs)
     data = load_dataset(data_cfg, seed=train_cfg.seed, tokenizer=base.tokenizer)
     check_fits(data, base.model_cfg.context, data_cfg.text or f"corpus {data_cfg.corpus!r}")

@@ -6,11 +6,12 @@ Every SampleConfig field is a flag (flags.py). Generation reuses earlier positio
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 
 from minilm.cli.flags import add_config_flags, given, refuse_adapter
-from minilm.config import SampleConfig
+from minilm.config import SampleConfig, to_dict
 from minilm.errors import MinilmError
 
 
@@ -22,6 +23,8 @@ def add_parser(commands) -> None:
     p.add_argument("--adapter", metavar="DIR", help="apply a LoRA adapter (from finetune --lora) to the model")
     p.add_argument("--allow-other-base", action="store_true",
                    help="apply an --adapter trained on another base of the same shape (its fingerprint differs)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check every flag and file, print the resolved sampling config as JSON, sample nothing")
     add_config_flags(p, SampleConfig, "sampling")
     p.set_defaults(run=run)
 
@@ -51,6 +54,9 @@ def run(args) -> int:
     if available is not None and needed > available:
         raise MinilmError(f"--num-samples {cfg.num_samples} needs about {needed / 2**30:,.1f} GiB for its key/value "
                           f"caches but {available / 2**30:,.1f} GiB are available; draw fewer samples at once")
+    if args.dry_run:  # every input is checked
+        print(json.dumps({"checkpoint": str(ckpt.path), "prompt_tokens": len(ids), "sample": to_dict(cfg)}))
+        return 0
     batch = np.tile(ids, (cfg.num_samples, 1))  # (num_samples, P)
     started = time.perf_counter()
     tokens = generate(params, batch, ckpt.model_cfg, key=jax.random.key(cfg.seed),

@@ -8,11 +8,12 @@ training flags (--steps, say) may change, never the model, the data or the seed.
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
 from pathlib import Path
 
 from minilm.cli.flags import add_config_flags, check_unchanged, given, preset_note
-from minilm.config import PRESETS, DataConfig, ModelConfig, TrainConfig, preset
+from minilm.config import PRESETS, DataConfig, ModelConfig, TrainConfig, preset, to_dict
 from minilm.errors import MinilmError
 
 
@@ -26,6 +27,8 @@ def add_parser(commands) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run saved in --out, bit-identically; --steps may extend it")
     p.add_argument("--overwrite", action="store_true", help="replace a run already saved in --out")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check every flag and file, print the resolved configs as JSON, write nothing")
     add_config_flags(p, ModelConfig, "model (defaults from --preset)", preset_note(0))
     add_config_flags(p, TrainConfig, "training (defaults from --preset)", preset_note(1))
     add_config_flags(p, DataConfig, "data")
@@ -84,6 +87,10 @@ def run(args) -> int:
         check_size(model_cfg, train_cfg.batch_size, "this model")
         check_memory(step_cost(model_cfg, train_cfg.batch_size, None, train_cfg.grad_accum), "this model")
     check_fits(data, model_cfg.context, data_cfg.text or f"corpus {data_cfg.corpus!r}")
+    if args.dry_run:  # every input is checked
+        print(json.dumps({"out": str(out), "model": to_dict(model_cfg), "train": to_dict(train_cfg),
+                          "data": to_dict(data_cfg)}))
+        return 0
     # every input is checked: from here on the folder is this process's
     folders.lock(out)  # one run per folder, until this process ends
     if checkpoint.recover(out / "checkpoint"):
