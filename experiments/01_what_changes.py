@@ -3,11 +3,17 @@
 Pretrain a tiny GPT on `associations` (concept words in shared, interchangeable contexts), fine-tune
 copies on `bindings` (which binds justice–morality, law–court, retribution–revenge) four ways — full,
 LoRA on attention q and v, LoRA on all linear layers at two ranks — then compare each with the base
-and test eight claims people often make about fine-tuning. Every verdict is computed from the
-measurements beside it; the thresholds are stated in the claim.
+and test eight claims people often make about fine-tuning.
 
-    python experiments/01_what_changes.py            # ~1 minute on 2 CPU cores
-    python experiments/01_what_changes.py --quick    # seconds: the pipeline end to end
+An answer is a distribution over seeds (minilm/analysis/seeds.py): the whole pipeline — corpus, base,
+fine-tunes, batches — runs once per seed, every number a verdict reads is kept per seed, and a claim
+is "true" or "false" only when the Student-t test over seeds, Holm-corrected over all the verdicts of
+the report, decides it against the threshold written in the claim; otherwise it is "not settled by N
+seeds". All seeds run in one process, so each program compiles once.
+
+    python experiments/01_what_changes.py                # 5 seeds, ~3 minutes on 2 CPU cores
+    python experiments/01_what_changes.py --seeds 3,7,11 # those seeds
+    python experiments/01_what_changes.py --quick        # seconds: the pipeline end to end, 2 seeds
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `common`, next to this file
 
@@ -26,20 +33,54 @@ import common  # noqa: E402
 
 import lora  # noqa: E402
 from minilm import report  # noqa: E402
+from minilm.analysis import seeds  # noqa: E402
 from minilm.analysis.compare import Model, compare, make_probe  # noqa: E402
+from minilm.config import LORA_LR  # noqa: E402
 
-LORA_LR = 1e-2          # adapters start at zero and are few: they take a larger step than full fine-tuning
 JS_CHANGED = 0.05       # nats: a head whose mean Jensen–Shannon divergence exceeds this "looks elsewhere"
 COS_CHANGED = 0.01      # a mean |Δ cosine| above this counts as "distances changed"
+LOW_RANK = 0.25         # a ΔW whose 90%-energy rank is below this share of full rank is "low-rank"
+QV = "lora-qv-r8"       # trains its whole budget; the others stop at the loss it reached
 
 
 def variants(quick: bool):
     """(name, LoraConfig or None). Ranks stay well below the width (64) so low rank means something."""
     r_small, r_large = (2, 4) if quick else (4, 16)
     return [("full", None),
-            ("lora-qv-r8", lora.LoraConfig(rank=8 if not quick else 2, alpha=16, targets=("attn.q", "attn.v"))),
+            (QV, lora.LoraConfig(rank=8 if not quick else 2, alpha=16, targets=("attn.q", "attn.v"))),
             (f"lora-all-r{r_small}", lora.LoraConfig(rank=r_small, alpha=2 * r_small, targets=("all-linear",))),
             (f"lora-all-r{r_large}", lora.LoraConfig(rank=r_large, alpha=2 * r_large, targets=("all-linear",)))]
+
+
+# ---------------------------------------------------------------- one seed: the pipeline
+
+
+def run_seed(seed: int, quick: bool):
+    """Base, four fine-tunes and their comparison for one seed -> (compare's result, losses)."""
+    s = common.setup(quick, seed)
+    base, model_cfg, base_data, ft_data = common.base_and_bindings(s)
+    # Compare at equal fine-tuning loss: LoRA on q and v (the fewest parameters) trains its full budget and
+    # is evaluated once, at its end; every other variant stops at the first evaluation (every eval_every
+    # steps) that reaches the loss it got to.
+    tuned, target = [], None
+    for name, cfg in sorted(variants(quick), key=lambda v: v[0] != QV):
+        train_cfg = s.finetune if cfg is None else dataclasses.replace(s.finetune, lr=LORA_LR)
+        if name == QV:
+            train_cfg = dataclasses.replace(train_cfg, eval_every=train_cfg.steps)
+        tuned.append(common.finetune(name, base, ft_data, model_cfg, train_cfg, cfg, stop_below=target))
+        target = target if target is not None else tuned[-1].log[-1]["eval_loss"]
+    tuned.sort(key=lambda t: [v[0] for v in variants(quick)].index(t.name))
+    losses = {"base": {"finetune_loss": common.eval_loss(base, ft_data, model_cfg),
+                       "base_loss": common.eval_loss(base, base_data, model_cfg)}}
+    for t in tuned:
+        losses[t.name] = {"finetune_loss": common.eval_loss(t.params, ft_data, model_cfg),
+                          "base_loss": common.eval_loss(t.params, base_data, model_cfg),
+                          "trainable": t.trainable, "steps": t.log[-1]["step"], "lr": t.lr}
+    probe = make_probe(base_data.tokenizer, model_cfg, corpus=base_data.corpus)
+    result = compare(Model("base", base), [Model(t.name, t.params, common.adapters_of(t)) for t in tuned], probe,
+                     base_data.tokenizer, model_cfg)
+    result["adapters_of"] = {t.name: sorted(common.adapters_of(t)) for t in tuned}
+    return result, losses
 
 
 def mean_abs_cos_change(before, after) -> float:
@@ -54,184 +95,238 @@ def pair_shift(part, kind) -> float:
     return float(np.mean([a["cosine"] - b["cosine"] for b, a in zip(before, after)])) if before else float("nan")
 
 
-def claims(result: dict, losses: dict) -> list[dict]:
-    """The eight claims, each with its measurement and a verdict computed from it (and nothing else)."""
+def measure(result: dict, losses: dict) -> dict[str, dict[str, float]]:
+    """One seed's numbers that the claims read: {measurement: {model: value}}; nothing else is kept."""
     names = result["models"]
-    is_lora = {m: bool(result["adapters_of"].get(m)) for m in names}
-    out = []
-
-    def claim(text, evidence, verdict, note=""):
-        """`note`: why a verdict differs from what the literature reports, from this run's numbers."""
-        out.append({"claim": text, "evidence": evidence, "verdict": verdict, "note": "" if verdict == "true" else note})
-
-    def held_by(holds: list, among: list) -> str:
-        """true when the claim holds for every model in `among`, else for which ones it does."""
-        if len(holds) == len(among):
-            return "true"
-        return f"true only for {', '.join(holds)}" if holds else "false"
-
-    def median_relative(m):
-        return float(np.median([r["relative"] for r in result["weights"][m].values()
-                                if "energy_rank_delta" in r and r["fro"] > 0]))
-
-    # 1. distances between token vectors
-    static = {m: mean_abs_cos_change(result["vectors"][m]["static"]["cosine_base"],
-                                     result["vectors"][m]["static"]["cosine_tuned"]) for m in names}
-    ctx = {m: float(np.mean([abs(pair_shift(c, "pairs")) + abs(pair_shift(c, "controls"))
-                             for c in result["vectors"][m]["contextual"][1:]]) / 2) for m in names}
-    static_moved = [m for m in names if static[m] > COS_CHANGED]
-    ctx_moved = [m for m in names if ctx[m] > COS_CHANGED]
-    identical = [m for m in names if result["vectors"][m]["static"]["max_abs_change"] == 0]
-    verdict = ("true" if len(static_moved) == len(names) and len(ctx_moved) == len(names) else
-               f"true for contextual vectors ({', '.join(ctx_moved) or 'none'}); static embeddings moved only for "
-               f"{', '.join(static_moved) or 'none'}" if ctx_moved else "false")
-    claim(f"Fine-tuning changes the distances between token vectors (mean |Δcos| > {COS_CHANGED}).",
-          "; ".join(f"{m}: static {static[m]:.3g}, contextual {ctx[m]:.3g}" for m in names)
-          + f". Static embeddings bit-identical: {', '.join(identical) or 'none'}.", verdict)
-
-    # 2. no new vectors; new paths
-    shapes = {m: result["weights"][m]["embed.tok"]["shape"] for m in names}
-    shifts = {m: [c["mean_shift"] for c in result["vectors"][m]["contextual"]] for m in names}
-    same_vocab = len({tuple(s) for s in shapes.values()}) == 1
-    paths = all(max(v[1:]) > 0 for v in shifts.values())
-    claim("No new vectors appear; existing tokens travel new paths through the layers.",
-          f"embedding matrix {shapes[names[0]]} in every model; mean shift of a word's hidden state per layer: "
-          + "; ".join(f"{m}: " + ", ".join(f"{x:.2g}" for x in v) for m, v in shifts.items()),
-          "true" if same_vocab and paths else "false")
-
-    # 3. bound pairs move closer
-    last = {m: result["vectors"][m]["contextual"][-1] for m in names}
-    closer = {m: pair_shift(last[m], "pairs") - pair_shift(last[m], "controls") for m in names}
-    yes = [m for m in names if closer[m] > 0]
-    claim("Concepts trained together move closer (last layer: Δcos of bound pairs minus Δcos of controls > 0).",
-          "; ".join(f"{m}: pairs {pair_shift(last[m], 'pairs'):+.3f}, controls "
-                    f"{pair_shift(last[m], 'controls'):+.3f}" for m in names),
-          held_by(yes, names),
-          "The cosines are of hidden states read in the pretraining corpus's contexts. bindings teaches which word "
-          "comes next ('justice and' -> 'morality'), which the attention and MLP read-out can learn without pulling "
-          f"the two words' own states together: pairs-minus-controls ranges from {min(closer.values()):+.3f} to "
-          f"{max(closer.values()):+.3f}, small next to the mean shift of a hidden state at the last layer "
-          f"({np.mean([result['vectors'][m]['contextual'][-1]['mean_shift'] for m in names]):.2f}).")
-
-    # 4. attention looks elsewhere
-    js = {m: np.asarray(result["vectors"][m]["attention"]["js"]) for m in names}
-    top = {m: np.unravel_index(np.argmax(js[m]), js[m].shape) for m in names}
-    changed = [m for m in names if js[m].max() > JS_CHANGED]
-    claim(f"Attention now looks elsewhere (some head's mean Jensen–Shannon divergence > {JS_CHANGED} nats).",
-          "; ".join(f"{m}: max {js[m].max():.3f} (layer {top[m][0]} head {top[m][1]}), mean {js[m].mean():.3f}"
-                    for m in names),
-          held_by(changed, names))
-
-    # 5. clusters denser
-    def silhouettes(m, who):
-        return [c[who].get("silhouette", float("nan")) for c in result["vectors"][m]["contextual"]]
-    denser = {m: int(np.sum(np.asarray(silhouettes(m, "tuned")) > np.asarray(silhouettes(m, "base"))))
-              for m in names}
-    n_layers = len(result["vectors"][names[0]]["contextual"])
-    yes = [m for m in names if denser[m] > n_layers / 2]
-    claim("Semantic clusters become denser (silhouette of concepts/objects/agents higher at most layers).",
-          "; ".join(f"{m}: higher at {denser[m]} of {n_layers} layers (last: "
-                    f"{silhouettes(m, 'base')[-1]:.3f} -> {silhouettes(m, 'tuned')[-1]:.3f})" for m in names),
-          held_by(yes, names),
-          "The groups scored (concepts, objects, agents) come from the pretraining corpus; bindings uses concept "
-          "words only, in new sentences, so nothing in it separates the three groups further. The last-layer "
-          "silhouette changed by "
-          f"{np.mean([silhouettes(m, 'tuned')[-1] - silhouettes(m, 'base')[-1] for m in names]):+.3f} on average.")
-
-    # 6. low rank
-    def rank_fraction(m):
-        w = result["weights"][m]
+    out = {k: {} for k in ("static_change", "contextual_change", "smallest_layer_shift", "embedding_rows",
+                           "pairs_shift", "controls_shift", "pairs_minus_controls", "last_layer_shift", "max_js",
+                           "silhouette_change", "energy_rank_share", "effective_rank", "intruders",
+                           "relative_change", "finetune_loss", "base_loss", "forgetting", "steps", "lr")}
+    for m in names:
+        v, w = result["vectors"][m], result["weights"][m]
+        blocks = v["contextual"][1:]  # layer boundaries 1..L: block outputs, which every variant can change
+        out["static_change"][m] = mean_abs_cos_change(v["static"]["cosine_base"], v["static"]["cosine_tuned"])
+        out["contextual_change"][m] = float(np.mean([abs(pair_shift(c, "pairs")) + abs(pair_shift(c, "controls"))
+                                                     for c in blocks]) / 2)
+        out["smallest_layer_shift"][m] = min(c["mean_shift"] for c in blocks)
+        out["embedding_rows"][m] = float(w["embed.tok"]["shape"][0])
+        last = v["contextual"][-1]
+        out["pairs_shift"][m], out["controls_shift"][m] = pair_shift(last, "pairs"), pair_shift(last, "controls")
+        out["pairs_minus_controls"][m] = out["pairs_shift"][m] - out["controls_shift"][m]
+        out["last_layer_shift"][m] = last["mean_shift"]
+        out["max_js"][m] = float(np.max(v["attention"]["js"]))
+        out["silhouette_change"][m] = float(np.mean([c["tuned"]["silhouette"] - c["base"]["silhouette"]
+                                                     for c in blocks]))
         moved = [r for r in w.values() if "energy_rank_delta" in r and r["fro"] > 0]
-        return float(np.median([r["energy_rank_delta"] / min(r["shape"]) for r in moved])), \
-            float(np.median([r["effective_rank_delta"] for r in moved]))
-    ranks = {m: rank_fraction(m) for m in names}
-    lora_names, full_names = [m for m in names if is_lora[m]], [m for m in names if not is_lora[m]]
-    lora_low = all(ranks[m][0] < min(ranks[f][0] for f in full_names) for m in lora_names)
-    full_high = all(ranks[f][0] >= 0.25 for f in full_names)
-    claim("LoRA's change is low-rank; full fine-tuning's is not (median 90%-energy rank of ΔW as a share of "
-          "full rank; 'not low-rank' means ≥ 25%).",
-          "; ".join(f"{m}: {100 * ranks[m][0]:.0f}% (effective rank {ranks[m][1]:.1f})" for m in names),
-          "true" if lora_low and full_high else ("true only in part: LoRA's change is lower-rank than full's, but "
-                                                 "full fine-tuning's change is low-rank too" if lora_low else "false"),
-          f"Full fine-tuning took {losses[full_names[0]].get('steps', '?')} small steps (learning rate "
-          f"{losses[full_names[0]].get('lr', float('nan')):g}) to reach the matched loss: a few dozen gradients span "
-          "few directions, so even an unconstrained update is low-rank at this scale.")
-
-    # 7. intruders
-    def intruders(m):
-        return sum(r["intruder_count"] for r in result["weights"][m].values() if "intruder_count" in r)
+        out["energy_rank_share"][m] = float(np.median([r["energy_rank_delta"] / min(r["shape"]) for r in moved]))
+        out["effective_rank"][m] = float(np.median([r["effective_rank_delta"] for r in moved]))
+        out["intruders"][m] = float(sum(r["intruder_count"] for r in w.values() if "intruder_count" in r))
+        out["relative_change"][m] = float(np.median([r["relative"] for r in moved]))
+        out["steps"][m], out["lr"][m] = float(losses[m]["steps"]), float(losses[m]["lr"])
+    for m in ["base", *names]:
+        out["finetune_loss"][m], out["base_loss"][m] = losses[m]["finetune_loss"], losses[m]["base_loss"]
+        out["forgetting"][m] = losses[m]["base_loss"] - losses["base"]["base_loss"]
     gaps = [g for r in result["weights"][names[0]].values() if "spectral_gaps_w0" in r for g in r["spectral_gaps_w0"]]
-    counts = {m: intruders(m) for m in names}
-    more = all(counts[m] > max(counts[f] for f in full_names) for m in lora_names)
-    claim("LoRA introduces new high-ranking directions (intruder dimensions, k=10, ε=0.5); full fine-tuning "
-          "does not (Shuttleworth et al. 2024).",
-          "; ".join(f"{m}: {counts[m]}" for m in names)
-          + f". Base spectra: median gap σi/σi+1 among the top 10 = {np.median(gaps):.3f} (near 1 means singular "
-            f"vectors are unstable and intruder counts noisy).",
-          "true" if more and all(counts[f] == 0 for f in full_names) else
-          ("true only in part: LoRA has more intruders than full fine-tuning, which has some too" if more
-           else "false"),
-          f"The base's top singular values are close together (median gap {np.median(gaps):.3f}): a small update "
-          "rotates singular vectors inside such near-degenerate subspaces, and the intruder test cannot tell that "
-          f"from a new direction; full fine-tuning's {sum(counts[f] for f in full_names)} intruders are of that kind.")
+    out["base_spectral_gap"] = {"base": float(np.median(gaps))}
+    return out
+# ---------------------------------------------------------------- the claims: per-seed numbers in, findings out
+# Each claim reads {measurement: {model: [one value per seed]}} and says which findings it rests on, each
+# against a threshold fixed in its text. `judge` settles all findings of the report together (Holm).
 
-    # 8. learns less, forgets less
-    learn = {m: losses[m]["finetune_loss"] for m in names}
-    forget = {m: losses[m]["base_loss"] - losses["base"]["base_loss"] for m in names}
-    less = [m for m in lora_names if all(learn[m] >= learn[f] and forget[m] <= forget[f] for f in full_names)]
-    claim("LoRA learns less and forgets less (Biderman et al. 2024): higher fine-tuning loss and smaller rise in "
-          "base-corpus loss than full fine-tuning.",
-          "; ".join(f"{m}: bindings loss {learn[m]:.3f}, associations loss rise {forget[m]:+.3f}" for m in names)
-          + f" (base: bindings {losses['base']['finetune_loss']:.3f}, associations {losses['base']['base_loss']:.3f}).",
-          held_by(less, lora_names),
-          "All variants were stopped at about the same fine-tuning loss, so 'learns less' cannot show here. To get "
-          f"there LoRA used a {losses[lora_names[0]].get('lr', float('nan')) / losses[full_names[0]].get('lr', 1):g}x "
-          "larger learning rate and moved its matrices further (median relative change "
-          + ", ".join(f"{m} {median_relative(m):.2f}" for m in names)
-          + "): forgetting follows how far the weights moved more than how many of them could.")
+
+def claim_distances(m, names, lora_names):
+    return {"claim": f"Fine-tuning changes the distances between token vectors (mean |Δcos| > {COS_CHANGED}, "
+                     "static embeddings and contextual vectors after each block).",
+            "findings": [seeds.finding(f"{n} {kind}", m[f"{kind}_change"][n], COS_CHANGED)
+                         for n in names for kind in ("static", "contextual")],
+            "note": "LoRA on attention leaves the token embeddings bit-identical: its static distances cannot move."}
+
+
+def claim_paths(m, names, lora_names):
+    rows = {int(v) for n in names for v in m["embedding_rows"][n]}
+    return {"claim": "No new vectors appear; existing tokens travel new paths through the layers (every block's "
+                     "output moves: smallest mean shift of a word's hidden state over layers 1..L > 0).",
+            "findings": [seeds.finding(n, m["smallest_layer_shift"][n], 0.0) for n in names],
+            "note": "", "evidence": f"Embedding rows: {', '.join(map(str, sorted(rows)))} in every model and seed "
+                                    "(a model of another shape could not be compared with its base)."}
+
+
+def claim_closer(m, names, lora_names):
+    return {"claim": "Concepts trained together move closer (last layer: Δcos of bound pairs minus Δcos of "
+                     "controls > 0).",
+            "findings": [seeds.finding(n, m["pairs_minus_controls"][n], 0.0) for n in names],
+            "note": "The cosines are of hidden states read in the pretraining corpus's contexts. bindings teaches which "
+                    "word comes next ('justice and' -> 'morality'), which the attention and MLP read-out can learn "
+                    "without pulling the two words' own states together; the mean shift of a hidden state at the last "
+                    f"layer is {np.mean([np.mean(m['last_layer_shift'][n]) for n in names]):.2f}, large next to "
+                    "pairs-minus-controls."}
+
+
+def claim_attention(m, names, lora_names):
+    return {"claim": f"Attention now looks elsewhere (some head's mean Jensen–Shannon divergence > {JS_CHANGED} "
+                     "nats).",
+            "findings": [seeds.finding(n, m["max_js"][n], JS_CHANGED) for n in names], "note": ""}
+
+
+def claim_clusters(m, names, lora_names):
+    return {"claim": "Semantic clusters become denser (silhouette of concepts/objects/agents: mean change over "
+                     "layers 1..L, the block outputs every variant can change, > 0).",
+            "findings": [seeds.finding(n, m["silhouette_change"][n], 0.0) for n in names],
+            "note": "The groups scored (concepts, objects, agents) come from the pretraining corpus; bindings uses "
+                    "concept words only, in new sentences, so nothing in it separates the three groups further."}
+
+
+def claim_low_rank(m, names, lora_names):
+    full_names = [n for n in names if n not in lora_names]
+    lower = [seeds.finding(f"{n} lower than {f}", np.subtract(m["energy_rank_share"][f], m["energy_rank_share"][n]),
+                           0.0) for n in lora_names for f in full_names]
+    return {"claim": "LoRA's change is low-rank; full fine-tuning's is not (median 90%-energy rank of ΔW as a share "
+                     f"of full rank: LoRA's below full's, full's ≥ {LOW_RANK:.0%}).",
+            "findings": [*lower, *(seeds.finding(f"{f} ≥ {LOW_RANK:.0%}", m["energy_rank_share"][f], LOW_RANK)
+                                   for f in full_names)],
+            "note": "A few hundred small steps span few directions, so even an unconstrained update can be "
+                    "low-rank at this scale; median effective rank of ΔW (Roy & Vetterli): "
+                    + ", ".join(f"{n} {np.mean(m['effective_rank'][n]):.1f}" for n in names) + "."}
+
+
+def claim_intruders(m, names, lora_names):
+    full_names = [n for n in names if n not in lora_names]
+    more = [seeds.finding(f"{n} more than {f}", np.subtract(m["intruders"][n], m["intruders"][f]), 0.0)
+            for n in lora_names for f in full_names]
+    return {"claim": "LoRA introduces new high-ranking directions (intruder dimensions, k=10, ε=0.5: LoRA's count "
+                     "minus full's > 0); full fine-tuning does not (its count < 0.5) (Shuttleworth et al. 2024).",
+            "findings": [*more, *(seeds.finding(f"{f} has none", m["intruders"][f], 0.5, above=False)
+                                  for f in full_names)],
+            "note": "The base's top singular values are close together (median gap σi/σi+1 among the top 10: "
+                    f"{np.mean(m['base_spectral_gap']['base']):.3f}): a small update rotates singular vectors inside "
+                    "such near-degenerate subspaces, and the intruder test cannot tell that from a new direction."}
+
+
+def claim_learn_forget(m, names, lora_names):
+    full_names = [n for n in names if n not in lora_names]
+    findings = []
+    for n in lora_names:
+        for f in full_names:
+            findings.append(seeds.finding(f"{n} learns less than {f}",
+                                          np.subtract(m["finetune_loss"][n], m["finetune_loss"][f]), 0.0))
+            findings.append(seeds.finding(f"{n} forgets less than {f}",
+                                          np.subtract(m["forgetting"][f], m["forgetting"][n]), 0.0))
+    return {"claim": "LoRA learns less and forgets less (Biderman et al. 2024): higher fine-tuning loss and smaller "
+                     "rise in base-corpus loss than full fine-tuning (differences > 0).",
+            "findings": findings,
+            "note": "All variants were stopped at about the same fine-tuning loss, so 'learns less' cannot show here; "
+                    "learning rates " + ", ".join(f"{n} {m['lr'][n][0]:g}" for n in names)
+                    + "; median relative change ||ΔW||/||W0|| "
+                    + ", ".join(f"{n} {np.mean(m['relative_change'][n]):.2f}" for n in names) + "."}
+
+
+CLAIMS = (claim_distances, claim_paths, claim_closer, claim_attention, claim_clusters, claim_low_rank,
+          claim_intruders, claim_learn_forget)
+
+
+def judge(per_seed: dict, names: list[str], lora_names: list[str]) -> list[dict]:
+    """Every claim's verdict and evidence from per-seed numbers, Holm-corrected over all of the report's findings."""
+    claims = [c(per_seed, names, lora_names) for c in CLAIMS]
+    family = [f for c in claims for f in c["findings"]]
+    adjusted = iter(seeds.holm([f.p for f in family]))
+    out = []
+    for c in claims:
+        rows = []
+        for f in c["findings"]:
+            q = next(adjusted)
+            v = seeds.verdict(f, q)
+            rows.append({"label": f.label, "values": list(f.values), "mean": f.mean, "low": f.low, "high": f.high,
+                         "threshold": f.threshold, "above": f.above, "p": f.p, "p_holm": float(q), "verdict": v})
+        verdict = seeds.combine([(r["label"], r["verdict"]) for r in rows])
+        evidence = "; ".join(f"{r['label']}: {seeds.interval_text(f)}" for r, f in zip(rows, c["findings"]))
+        out.append({"claim": c["claim"], "verdict": verdict,
+                    "evidence": evidence + (". " + c["evidence"] if c.get("evidence") else ""),
+                    "note": "" if verdict == "true" else c["note"], "findings": rows})
     return out
 
 
+
+def stack(measured: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """Per-seed {measurement: {model: value}} -> {measurement: {model: [value per seed]}}."""
+    return {k: {n: [one[k][n] for one in measured] for n in measured[0][k]} for k in measured[0]}
+
+
+VERDICT_COLOURS = {"true": "#2ca02c", "false": "#d62728"}  # anything else: not settled, grey
+
+
+def fig_findings(claims: list[dict]) -> Figure:
+    """One panel per claim: each finding's per-seed values (dots), mean and 95% interval (bar), threshold."""
+    fig = Figure(figsize=(12, 2.2 * ((len(claims) + 1) // 2) + 0.6))
+    axes = fig.subplots((len(claims) + 1) // 2, 2).ravel()
+    for i, (ax, c) in enumerate(zip(axes, claims)):
+        rows = c["findings"]
+        for y, r in enumerate(rows):
+            colour = VERDICT_COLOURS.get(r["verdict"], "grey")
+            ax.plot(r["values"], [y] * len(r["values"]), "o", ms=3, color=colour, alpha=0.6)
+            if np.isfinite(r["low"] if r["low"] is not None else np.nan):
+                ax.plot([r["low"], r["high"]], [y, y], "-", lw=3, color=colour, alpha=0.5)
+            ax.plot([r["mean"]], [y], "|", ms=12, mew=2, color=colour)
+            ax.plot([r["threshold"]] * 2, [y - 0.4, y + 0.4], ":", color="black", lw=1)
+        ax.set_yticks(range(len(rows)), [r["label"] for r in rows], fontsize=7)
+        ax.invert_yaxis()
+        ax.tick_params(axis="x", labelsize=7)
+        ax.set_title(f"{i + 1}. " + c["claim"][:70] + ("…" if len(c["claim"]) > 70 else ""), fontsize=8)
+    for ax in axes[len(claims):]:
+        ax.set_visible(False)
+    fig.suptitle("Every seed's value (dots), mean and 95% t interval (bar), threshold (dotted); "
+                 "green true, red false, grey not settled (Holm-corrected)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def main(argv=None) -> int:
-    args = common.parser(__doc__.splitlines()[0], "runs/01_what_changes").parse_args(argv)
+    args = common.parser(__doc__.splitlines()[0], "runs/01_what_changes", seeds=True).parse_args(argv)
     started = time.perf_counter()
-    s = common.setup(args.quick, args.seed)
-    base, model_cfg, base_data, ft_data = common.base_and_bindings(s)
-    # Compare at equal fine-tuning loss: LoRA on q and v (the fewest parameters) trains its full budget;
-    # every other variant stops at the first evaluation that reaches the loss it got to.
-    tuned, target = [], None
-    for name, cfg in sorted(variants(args.quick), key=lambda v: v[0] != "lora-qv-r8"):
-        train_cfg = s.finetune if cfg is None else dataclasses.replace(s.finetune, lr=LORA_LR)
-        tuned.append(common.finetune(name, base, ft_data, model_cfg, train_cfg, cfg, stop_below=target))
-        target = target if target is not None else tuned[-1].log[-1]["eval_loss"]
-    tuned.sort(key=lambda t: [v[0] for v in variants(args.quick)].index(t.name))
-    losses = {"base": {"finetune_loss": common.eval_loss(base, ft_data, model_cfg),
-                       "base_loss": common.eval_loss(base, base_data, model_cfg)}}
-    for t in tuned:
-        losses[t.name] = {"finetune_loss": common.eval_loss(t.params, ft_data, model_cfg),
-                          "base_loss": common.eval_loss(t.params, base_data, model_cfg),
-                          "trainable": t.trainable, "steps": t.log[-1]["step"], "lr": t.lr}
-    probe = make_probe(base_data.tokenizer, model_cfg, corpus=base_data.corpus)
-    result = compare(Model("base", base), [Model(t.name, t.params, common.adapters_of(t)) for t in tuned], probe,
-                     base_data.tokenizer, model_cfg)
-    result["adapters_of"] = {t.name: sorted(common.adapters_of(t)) for t in tuned}
-    result["claims"] = claims(result, losses)
-    result["losses"] = losses
+    seed_list = common.seed_list(args)
+    measured, shown = [], None
+    for i, seed in enumerate(seed_list):
+        print(f"seed {seed} ({i + 1} of {len(seed_list)})", flush=True)
+        result, losses = run_seed(seed, args.quick)
+        measured.append(measure(result, losses))
+        shown = shown or (result, losses)  # the first seed's comparison is the one the figures show in detail
+    result, losses = shown
+    names = result["models"]
+    lora_names = [n for n in names if result["adapters_of"][n]]
+    per_seed = stack(measured)
+    result.update(seeds=seed_list, shown_seed=seed_list[0], per_seed=per_seed,
+                  claims=judge(per_seed, names, lora_names), losses=losses)
+    n_verdicts = sum(len(c["findings"]) for c in result["claims"])
+    result["verdicts"] = {"count": n_verdicts, "alpha": seeds.ALPHA, "correction": "Holm step-down",
+                          "interval": "95% Student t over seeds"}
     result["seconds"] = time.perf_counter() - started
-    loss_rows = [(m, v.get("trainable", "—"), v.get("steps", "—"), common.fmt(v["finetune_loss"]),
-                  common.fmt(v["base_loss"])) for m, v in losses.items()]
+    n = len(seed_list)
+    loss_rows = [(m, losses[m].get("trainable", "—"),
+                  seeds.interval_text(seeds.finding(m, per_seed["steps"][m], 0.0)) if m != "base" else "—",
+                  seeds.interval_text(seeds.finding(m, per_seed["finetune_loss"][m], 0.0)),
+                  seeds.interval_text(seeds.finding(m, per_seed["base_loss"][m], 0.0))) for m in ["base", *names]]
     claim_rows = "".join(f"<tr><td>{i + 1}</td><td>{html.escape(c['claim'])}</td><td><b>{html.escape(c['verdict'])}"
                          f"</b></td><td>{html.escape(c['evidence'])}</td><td>{html.escape(c['note'])}</td></tr>"
                          for i, c in enumerate(result["claims"]))
+    how = (f"<p>{n} seed{'s' if n != 1 else ''} ({', '.join(map(str, seed_list))}); each is the whole pipeline: its "
+           "own corpus sample, base pretraining, fine-tunes and batch order. Every number below is the mean over "
+           "seeds with its 95% Student-t interval (at a handful of seeds a bootstrap cannot leave the range of the "
+           f"values it resamples). The report makes {n_verdicts} verdicts, one per finding; each is a two-sided "
+           f"one-sample t-test against the threshold in its claim, Holm-corrected over all {n_verdicts}, so the "
+           f"chance that any verdict here is wrong is at most {seeds.ALPHA:g}. A verdict is 'true' or 'false' "
+           f"only when its corrected test decides it, otherwise 'not settled by {n} seeds'. The figures above "
+           f"show seed {seed_list[0]} alone; per-seed values are in metrics.json (per_seed, claims[].findings).</p>")
     page = report.write(Path(args.out), result, title="01 — What changes when I fine-tune, fully or with LoRA?",
-                        extra=[("Losses: what each variant learned and forgot",
+                        extra=[("Losses: what each variant learned and forgot (mean [95% interval] over seeds)",
                                 common.table(["model", "trainable parameters", "steps", "bindings loss (fine-tuning)",
                                               "associations loss (pretraining)"], loss_rows)),
-                               ("Claims", "<table><tr><th>#</th><th>claim</th><th>verdict</th><th>evidence</th>"
-                                          "<th>why it differs from the literature</th></tr>"
-                                          f"{claim_rows}</table>")])
+                               ("Claims, over seeds", how + "<table><tr><th>#</th><th>claim</th><th>verdict</th>"
+                                "<th>evidence: mean [95% interval]</th><th>why it differs from the literature</th>"
+                                f"</tr>{claim_rows}</table>"),
+                               ("Every seed's value and the interval, per claim", ("claims", fig_findings(
+                                   result["claims"])))])
     for i, c in enumerate(result["claims"]):
         print(f"{i + 1}. {c['claim']}\n   -> {c['verdict']}")
+    print(f"{n_verdicts} verdicts, Holm-corrected (family-wise α {seeds.ALPHA:g}), over {n} seeds")
     print(f"report: {page}  ({result['seconds']:.0f} s)")
     return 0
 

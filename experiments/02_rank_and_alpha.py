@@ -45,6 +45,7 @@ import common
 import lora
 from minilm import report
 from minilm.analysis import weights
+from minilm.config import LORA_LR
 from minilm.tree import named_leaves
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)
@@ -52,7 +53,6 @@ QUICK_RANKS = (1, 8)        # the quick model is 32 wide
 ALPHA = 16.0                # the fixed alpha of the first and third rules
 RULES = ("alpha=16", "alpha=2R", "rsLoRA alpha=16")
 TARGETS = ("all-linear",)
-LORA_LR = 1e-2              # adapters start at zero and are few: a larger step than full fine-tuning (as in 01)
 STEPS, BATCH = 150, 16      # the same for every run (cosine schedule, 10% warmup, down to 1e-4); ~7 s a run
 INTRUDER_K, INTRUDER_EPS = 10, 0.5
 IMPROVES = 0.02             # nats: a loss drop larger than this counts as "learns better"

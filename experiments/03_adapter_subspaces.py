@@ -43,9 +43,9 @@ import common
 
 import lora
 from minilm.analysis import weights
+from minilm.config import LORA_LR
 
 TARGETS = ("attn.q", "attn.v")
-LORA_LR = 1e-2           # as in 01 and 02
 TOP = 4                  # the summary's "top directions": φ(i, j) for i, j <= 4
 STRONG = 0.5             # φ at or above this is a strong overlap (Hu et al.'s top direction: > 0.5)
 ABOVE_CHANCE = 3.0       # ... at or above this many times the random baseline is "above chance"

@@ -30,11 +30,11 @@ import common  # noqa: E402
 import lora  # noqa: E402
 from minilm import report  # noqa: E402
 from minilm.analysis import weights  # noqa: E402
+from minilm.config import LORA_LR  # noqa: E402
 from minilm.tree import fill, named_leaves  # noqa: E402
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)   # capped at the full rank of the block matrices (the width D)
 QUICK_LORA_RANKS = (1, 8)          # --quick trains LoRA at two ranks only: each rank is a new compilation
-LORA_LR = 1e-2                     # adapters start at zero and are few: a larger step than full's 1e-3
 RECOVERY = 0.9                     # "recovers" = at least this share of full fine-tuning's loss improvement
 MATRIX_TYPES = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.fc", "mlp.proj")
 

@@ -38,9 +38,9 @@ import common  # noqa: E402
 import lora  # noqa: E402
 from minilm import report, train  # noqa: E402
 from minilm.analysis.weights import magnitude_direction  # noqa: E402
+from minilm.config import LORA_LR  # noqa: E402
 from minilm.tree import combine, partition, size  # noqa: E402
 
-LORA_LR = 1e-2       # adapters start at zero and are few: a larger step than full fine-tuning's 1e-3
 CHECKPOINTS = 10     # weights kept at this many evenly spaced steps (the paper plots four per layer)
 MATRIX = "attn.q"    # the paper analyses the query matrices of every layer
 MARKERS = ("o", "s", "^", "D", "v", "P")

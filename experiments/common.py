@@ -25,12 +25,35 @@ from minilm.model import init
 from minilm.tree import combine, partition, size
 
 
-def parser(description: str, default_out: str) -> argparse.ArgumentParser:
+def parser(description: str, default_out: str, *, seeds: bool = False) -> argparse.ArgumentParser:
+    """The flags every experiment takes; with `seeds`, also --seeds (read it with `seed_list`)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="a smoke run in seconds: tiny sizes, few steps (for CI)")
-    p.add_argument("--seed", type=int, default=0, help="seed for corpora, initialisation and batches")
+    p.add_argument("--seed", type=int, default=0, help="seed for corpora, initialisation and batches"
+                   + (" (the first of --seeds)" if seeds else ""))
+    if seeds:
+        p.add_argument("--seeds", type=_seeds_flag, default=None,
+                       help="how many seeds (N: --seed, --seed+1, ...) or which (a comma list: 3,7,11); "
+                            "each is the whole pipeline: its own base, fine-tunes and data. Default 5, "
+                            "2 with --quick")
     p.add_argument("--out", default=default_out, help=f"report folder (default: {default_out})")
     return p
+
+
+def _seeds_flag(text: str) -> int | list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a count nor a comma list of seeds") from None
+    if "," not in text and values[0] < 1 or any(v < 0 for v in values) or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a count >= 1 or distinct seeds >= 0 (e.g. 3,7,11)")
+    return values if "," in text else values[0]
+
+
+def seed_list(args) -> list[int]:
+    """The seeds an experiment runs: --seeds as a list, or that many from --seed on."""
+    seeds = args.seeds if args.seeds is not None else (2 if args.quick else 5)
+    return list(seeds) if isinstance(seeds, list) else list(range(args.seed, args.seed + seeds))
 
 
 @dataclass(frozen=True)
@@ -50,7 +73,8 @@ def setup(quick: bool, seed: int, *, pretrain_steps: int = 600, finetune_steps: 
         return Setup(model, dataclasses.replace(train_cfg, steps=30, batch_size=8, eval_every=30, eval_batches=2,
                                                 seed=seed),
                      TrainConfig(steps=10, batch_size=8, lr=1e-3, eval_every=5, eval_batches=2, seed=seed), 400)
-    return Setup(model, dataclasses.replace(train_cfg, steps=pretrain_steps, seed=seed),
+    # The base's held-out loss is read by no experiment: evaluate only at the last step.
+    return Setup(model, dataclasses.replace(train_cfg, steps=pretrain_steps, eval_every=pretrain_steps, seed=seed),
                  TrainConfig(steps=finetune_steps, batch_size=32, lr=1e-3, min_lr=1e-4, eval_every=10,
                              eval_batches=8, seed=seed), None)
 

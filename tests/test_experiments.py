@@ -3,39 +3,80 @@
 import copy
 import json
 
+import numpy as np
 import pytest
 from helpers import load_experiment
+
 
 @pytest.fixture(scope="module")
 def exp01(tmp_path_factory):
     out = tmp_path_factory.mktemp("e01") / "report"
     module = load_experiment("01_what_changes")
-    assert module.main(["--quick", "--out", str(out)]) == 0
-    return module, out
+    assert module.main(["--quick", "--out", str(out)]) == 0  # two seeds
+    return module, out, json.loads((out / "metrics.json").read_text())
+
+
+def judge(module, metrics, per_seed=None):
+    names = metrics["models"]
+    return module.judge(per_seed or metrics["per_seed"], names, [n for n in names if metrics["adapters_of"][n]])
 
 
 def test_01_writes_report_and_metrics(exp01):
-    _, out = exp01
+    _, out, metrics = exp01
     page = (out / "report.html").read_text()
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert "Claims" in page and page.count("<tr><td>") >= 8
+    assert "Claims" in page and page.count("<tr><td>") >= 8 and (out / "figures" / "claims.png").is_file()
     assert len(metrics["claims"]) == 8
-    assert all(c["verdict"] and c["evidence"] for c in metrics["claims"])
+    assert all(c["verdict"] and c["evidence"] and c["findings"] for c in metrics["claims"])
     assert set(metrics["losses"]) == {"base", *metrics["models"]}
+    assert metrics["seeds"] == [0, 1] and metrics["shown_seed"] == 0
+    count = sum(len(c["findings"]) for c in metrics["claims"])
+    assert metrics["verdicts"]["count"] == count and f"makes {count} verdicts" in page and "Holm" in page
 
 
-def test_01_verdicts_are_computed_from_the_metrics(exp01):
-    module, out = exp01
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert module.claims(metrics, metrics["losses"]) == metrics["claims"]
-    # The same numbers with attention untouched must flip claim 4 ...
-    still = copy.deepcopy(metrics)
-    for m in still["models"]:
-        still["vectors"][m]["attention"]["js"] = [[0.0] * len(row) for row in still["vectors"][m]["attention"]["js"]]
-    assert module.claims(still, still["losses"])[3]["verdict"] == "false"
-    # ... and LoRA with a far lower loss and no forgetting must make claim 8 come out "false" for learning less.
-    better = copy.deepcopy(metrics)
-    for m in better["models"]:
-        if better["adapters_of"][m]:
-            better["losses"][m]["finetune_loss"] = 0.0
-    assert module.claims(better, better["losses"])[7]["verdict"] == "false"
+def test_01_keeps_every_number_per_seed_with_its_mean_and_interval(exp01):
+    _, _, metrics = exp01
+    for measurement in metrics["per_seed"].values():
+        assert all(len(values) == 2 and all(np.isfinite(values)) for values in measurement.values())
+    for c in metrics["claims"]:
+        for f in c["findings"]:
+            assert len(f["values"]) == 2 and f["mean"] == pytest.approx(np.mean(f["values"]))
+            assert f["low"] <= f["mean"] <= f["high"] and f["p"] <= f["p_holm"] <= 1
+
+
+def test_01_verdicts_are_recomputed_from_the_per_seed_numbers(exp01):
+    module, _, metrics = exp01
+    assert judge(module, metrics) == metrics["claims"]
+
+
+def findings_of(claims, number):
+    return {f["label"]: f["verdict"] for f in claims[number - 1]["findings"]}
+
+
+def test_01_constructed_numbers_decide_what_they_should(exp01):
+    module, _, metrics = exp01
+    names = metrics["models"]
+    per_seed = copy.deepcopy(metrics["per_seed"])
+    # bound pairs clearly closer on both seeds: claim 3 true ...
+    per_seed["pairs_minus_controls"] = {n: [0.3, 0.3000001] for n in names}
+    assert judge(module, metrics, per_seed)[2]["verdict"] == "true"
+    # ... one seed flipped: the interval straddles 0, not settled
+    per_seed["pairs_minus_controls"] = {n: [-0.3, 0.3000001] for n in names}
+    assert judge(module, metrics, per_seed)[2]["verdict"] == "not settled by 2 seeds"
+    # attention untouched: claim 4 false
+    per_seed["max_js"] = {n: [1e-3, 1.0000001e-3] for n in names}
+    assert judge(module, metrics, per_seed)[3]["verdict"] == "false"
+    # LoRA with a far lower fine-tuning loss than full fine-tuning: "learns less" false for every adapter
+    for n in names:
+        if metrics["adapters_of"][n]:
+            per_seed["finetune_loss"][n] = list(np.subtract(per_seed["finetune_loss"]["full"], [0.5, 0.5000001]))
+    learns = {k: v for k, v in findings_of(judge(module, metrics, per_seed), 8).items() if "learns less" in k}
+    assert learns and set(learns.values()) == {"false"}
+
+
+def test_01_a_straddling_interval_is_not_settled(exp01):
+    module, _, metrics = exp01
+    per_seed = copy.deepcopy(metrics["per_seed"])
+    per_seed["silhouette_change"] = {n: [-0.02, 0.03] for n in metrics["models"]}
+    claim = judge(module, metrics, per_seed)[4]
+    assert claim["verdict"] == "not settled by 2 seeds"
+    assert all(f["low"] < 0 < f["high"] for f in claim["findings"])

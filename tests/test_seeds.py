@@ -72,10 +72,12 @@ def test_flipping_one_seed_flips_what_it_should():
     assert seeds.settle([seeds.finding("x", [0.02, *below[1:]], 0.0104)]) == ["not settled by 5 seeds"]
 
 
-def test_no_spread_is_certain_unless_it_is_the_threshold():
-    assert seeds.settle([seeds.finding("x", [0.0] * 5, 0.01)]) == ["false"]
-    f = seeds.finding("x", [0.0] * 5, 0.0)
-    assert (f.low, f.high, f.p) == (0.0, 0.0, 1.0) and seeds.settle([f]) == ["not settled by 5 seeds"]
+def test_no_spread_falls_back_to_the_sign_test():
+    f = seeds.finding("x", [0.0] * 5, 0.01)  # five equal values below: 2 · 2^-5 = 0.0625
+    assert (f.low, f.high, f.p) == (0.0, 0.0, 0.0625) and seeds.settle([f]) == ["not settled by 5 seeds"]
+    assert seeds.settle([seeds.finding("x", [0.0] * 6, 0.01)]) == ["false"]  # 2 · 2^-6 = 0.03125
+    f = seeds.finding("x", [0.0] * 9, 0.0)  # on the threshold: no evidence either way
+    assert (f.low, f.high, f.p) == (0.0, 0.0, 1.0) and seeds.settle([f]) == ["not settled by 9 seeds"]
 
 
 def test_one_seed_settles_nothing():

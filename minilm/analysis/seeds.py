@@ -19,8 +19,10 @@ order) and judged on the spread of those N numbers:
 * verdict   "true" or "false" only when the corrected test rejects, in the claim's direction or against
             it; otherwise "not settled by N seeds". The interval is always shown with it.
 
-If every seed gives the same value (s = 0, e.g. a weight that LoRA cannot touch stays bit-identical),
-that value is certain: the interval is that point, and p is 0 unless it equals the threshold.
+If every seed gives the same value (s = 0: a count that came out equal, or a weight LoRA cannot touch
+staying bit-identical), t is undefined. The interval is that point, and the test falls back to the
+sign test: N values all on one side of the threshold have probability 2 · 2^-N under a null symmetric
+about it, so N equal values alone never settle a claim below six seeds, even before the correction.
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ def finding(label: str, values: Sequence[float], threshold: float, *, above: boo
         return Finding(label, tuple(x.tolist()), threshold, above, mean, float("nan"), float("nan"), 1.0)
     s = float(x.std(ddof=1))
     if s == 0:
-        return Finding(label, tuple(x.tolist()), threshold, above, mean, mean, mean, float(mean == threshold))
+        p = 1.0 if mean == threshold else min(1.0, 2.0 ** (1 - n))  # the sign test, all N on one side
+        return Finding(label, tuple(x.tolist()), threshold, above, mean, mean, mean, p)
     se = s / np.sqrt(n)
     half = float(stats.t.ppf((1 + level) / 2, df=n - 1)) * se
     p = float(2 * stats.t.sf(abs(mean - threshold) / se, df=n - 1))
