@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # minilm/allocator.py says which and why; it needs nothing beyond the standard library.
 export GLIBC_TUNABLES := $(shell $(PYTHON) -c 'from minilm.allocator import environment; print(environment()["GLIBC_TUNABLES"])')
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-core bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "minilm needs Python 3.11 or newer; run e.g. make PYTHON=python3.11 ...")'
@@ -22,6 +22,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-core: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not experiments"
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks --benchmark-columns=median,rounds --benchmark-sort=name

@@ -20,3 +20,11 @@ def small_cfgs(arithmetic_data):
     train_cfg = TrainConfig(steps=12, batch_size=5, lr=1e-2, min_lr=1e-3, warmup=0.25, eval_every=4,
                             eval_batches=2, checkpoint_every=4, seed=7)
     return model_cfg, train_cfg
+
+
+def pytest_collection_modifyitems(items):
+    """The experiments' end-to-end smoke runs are the heavy tier `experiments` (make test runs every tier;
+    `pytest -m "not experiments"` is the core suite)."""
+    for item in items:
+        if item.module.__name__.startswith("test_experiments"):
+            item.add_marker(pytest.mark.experiments)
