@@ -55,9 +55,10 @@ def check_fits(data: Dataset, context: int, source: str) -> None:
     """Both parts must hold at least one window of context + 1 tokens."""
     for part, ids in (("training", data.train), ("held-out", data.val)):
         if len(ids) < context + 1:
+            longer = "a larger --corpus-size" if data.corpus is not None else "a longer text"
             raise MinilmError(
                 f"{source}: its {part} part has {len(ids)} tokens, shorter than one context window "
-                f"({context} + 1); use a longer text or a smaller --context"
+                f"({context} + 1); use {longer} or a smaller --context"
             )
 
 
