@@ -27,34 +27,36 @@ def logged_step(line: str) -> float:
         return float("inf")
 
 
+def refuse_beyond_memory(needed: int, what: str, fix: str) -> None:
+    """Raise a MinilmError when `needed` bytes ("WHAT needs ... GiB ...") exceed the memory available now."""
+    from minilm.contention import available_memory_bytes
+
+    available = available_memory_bytes()
+    if available is not None and needed > available:
+        raise MinilmError(f"{what.format(gib=f'{needed / 2**30:,.1f}')}, but {available / 2**30:,.1f} GiB are "
+                          f"available; {fix}")
+
+
 def check_size(model_cfg, batch_size: int, what: str) -> None:
     """Refuse, in closed form and before anything is built, a model whose float32 parameters, gradients and
     AdamW moments alone exceed the memory available now. minilm.cost.step_cost (check_memory) is exact but
     lists every product of every layer, and initialising a model traces every layer: with --layers
     100000000 either would fill the memory before it could say so."""
-    from minilm.contention import available_memory_bytes
-
     m = model_cfg
     params = m.layers * (4 * m.width ** 2 + 2 * m.width * m.mlp_width) + (m.vocab_size + m.context) * m.width
     activations = batch_size * m.context * m.layers * m.width  # one float per token, layer and unit
-    needed = 4 * (4 * params + activations)  # parameters, gradients, two moments; float32
-    available = available_memory_bytes()
-    if available is not None and needed > available:
-        raise MinilmError(f"{what} needs more than {needed / 2**30:,.1f} GiB for its parameters, gradients, "
-                          f"optimizer state and activations, but {available / 2**30:,.1f} GiB are available; "
-                          f"choose a smaller --width, --layers, --mlp-ratio, --context or --batch-size")
+    refuse_beyond_memory(4 * (4 * params + activations),  # parameters, gradients, two moments; float32
+                         what + " needs more than {gib} GiB for its parameters, gradients, optimizer state and "
+                                "activations",
+                         "choose a smaller --width, --layers, --mlp-ratio, --context or --batch-size")
 
 
 def check_memory(cost, what: str) -> None:
     """Refuse a train step whose parameters, gradients, optimizer state and activations (a StepCost's
     memory_bytes, a lower bound) exceed the memory available now."""
-    from minilm.contention import available_memory_bytes
-
-    available = available_memory_bytes()
-    if available is not None and cost.memory_bytes > available:
-        raise MinilmError(f"{what} needs at least {cost.memory_bytes / 2**30:,.1f} GiB for its parameters, gradients, "
-                          f"optimizer state and activations, but {available / 2**30:,.1f} GiB are available; "
-                          f"choose a smaller --width, --layers, --context or --batch-size")
+    refuse_beyond_memory(cost.memory_bytes, what + " needs at least {gib} GiB for its parameters, gradients, "
+                                                   "optimizer state and activations",
+                         "choose a smaller --width, --layers, --context or --batch-size")
 
 
 def fit(state, data, model_cfg, train_cfg, out: Path, save, *, resume: bool, saved: Path, resume_hint: str | None,

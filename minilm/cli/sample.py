@@ -12,7 +12,6 @@ import time
 
 from minilm.cli.flags import add_config_flags, given, refuse_adapter
 from minilm.config import SampleConfig, to_dict
-from minilm.errors import MinilmError
 
 
 def add_parser(commands) -> None:
@@ -35,7 +34,7 @@ def run(args) -> int:
 
     import lora
     from minilm import checkpoint
-    from minilm.contention import available_memory_bytes
+    from minilm.cli.fit import refuse_beyond_memory
     from minilm.generate import check_length, generate
 
     refuse_adapter(args.checkpoint, "CHECKPOINT", "give the model it was trained on, and the adapter with --adapter")
@@ -49,11 +48,9 @@ def run(args) -> int:
     ids = ckpt.tokenizer.encode(prompt)
     check_length(ckpt.model_cfg, len(ids), cfg.max_new_tokens)
     m, context = ckpt.model_cfg, ckpt.model_cfg.context  # the key/value cache and one row of logits per sample, float32
-    needed = 4 * cfg.num_samples * (2 * m.layers * context * m.width + 4 * context * m.width + m.vocab_size)
-    available = available_memory_bytes()
-    if available is not None and needed > available:
-        raise MinilmError(f"--num-samples {cfg.num_samples} needs about {needed / 2**30:,.1f} GiB for its key/value "
-                          f"caches but {available / 2**30:,.1f} GiB are available; draw fewer samples at once")
+    cache_bytes = 4 * cfg.num_samples * (2 * m.layers * context * m.width + 4 * context * m.width + m.vocab_size)
+    refuse_beyond_memory(cache_bytes, f"--num-samples {cfg.num_samples} needs about {{gib}} GiB for its "
+                                      "key/value caches", "draw fewer samples at once")
     if args.dry_run:  # every input is checked
         print(json.dumps({"checkpoint": str(ckpt.path), "prompt_tokens": len(ids), "sample": to_dict(cfg)}))
         return 0
