@@ -16,6 +16,7 @@ from pathlib import Path
 from minilm.config import PRESETS
 from minilm.errors import MinilmError
 
+
 def flag(name: str) -> str:
     """`batch_size` -> `--batch-size`."""
     return "--" + name.replace("_", "-")
