@@ -19,13 +19,11 @@ seeds". All seeds run in one process, so each program compiles once.
 from __future__ import annotations
 
 import dataclasses
-import html
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `common`, next to this file
 
@@ -232,57 +230,7 @@ CLAIMS = (claim_distances, claim_paths, claim_closer, claim_attention, claim_clu
 
 def judge(per_seed: dict, names: list[str], lora_names: list[str]) -> list[dict]:
     """Every claim's verdict and evidence from per-seed numbers, Holm-corrected over all of the report's findings."""
-    claims = [c(per_seed, names, lora_names) for c in CLAIMS]
-    family = [f for c in claims for f in c["findings"]]
-    adjusted = iter(seeds.holm([f.p for f in family]))
-    out = []
-    for c in claims:
-        rows = []
-        for f in c["findings"]:
-            q = next(adjusted)
-            v = seeds.verdict(f, q)
-            rows.append({"label": f.label, "values": list(f.values), "mean": f.mean, "low": f.low, "high": f.high,
-                         "threshold": f.threshold, "above": f.above, "p": f.p, "p_holm": float(q), "verdict": v})
-        verdict = seeds.combine([(r["label"], r["verdict"]) for r in rows])
-        evidence = "; ".join(f"{r['label']}: {seeds.interval_text(f)}" for r, f in zip(rows, c["findings"]))
-        out.append({"claim": c["claim"], "verdict": verdict,
-                    "evidence": evidence + (". " + c["evidence"] if c.get("evidence") else ""),
-                    "note": "" if verdict == "true" else c["note"], "findings": rows})
-    return out
-
-
-
-def stack(measured: list[dict]) -> dict[str, dict[str, list[float]]]:
-    """Per-seed {measurement: {model: value}} -> {measurement: {model: [value per seed]}}."""
-    return {k: {n: [one[k][n] for one in measured] for n in measured[0][k]} for k in measured[0]}
-
-
-VERDICT_COLOURS = {"true": "#2ca02c", "false": "#d62728"}  # anything else: not settled, grey
-
-
-def fig_findings(claims: list[dict]) -> Figure:
-    """One panel per claim: each finding's per-seed values (dots), mean and 95% interval (bar), threshold."""
-    fig = Figure(figsize=(12, 2.2 * ((len(claims) + 1) // 2) + 0.6))
-    axes = fig.subplots((len(claims) + 1) // 2, 2).ravel()
-    for i, (ax, c) in enumerate(zip(axes, claims)):
-        rows = c["findings"]
-        for y, r in enumerate(rows):
-            colour = VERDICT_COLOURS.get(r["verdict"], "grey")
-            ax.plot(r["values"], [y] * len(r["values"]), "o", ms=3, color=colour, alpha=0.6)
-            if np.isfinite(r["low"] if r["low"] is not None else np.nan):
-                ax.plot([r["low"], r["high"]], [y, y], "-", lw=3, color=colour, alpha=0.5)
-            ax.plot([r["mean"]], [y], "|", ms=12, mew=2, color=colour)
-            ax.plot([r["threshold"]] * 2, [y - 0.4, y + 0.4], ":", color="black", lw=1)
-        ax.set_yticks(range(len(rows)), [r["label"] for r in rows], fontsize=7)
-        ax.invert_yaxis()
-        ax.tick_params(axis="x", labelsize=7)
-        ax.set_title(f"{i + 1}. " + c["claim"][:70] + ("…" if len(c["claim"]) > 70 else ""), fontsize=8)
-    for ax in axes[len(claims):]:
-        ax.set_visible(False)
-    fig.suptitle("Every seed's value (dots), mean and 95% t interval (bar), threshold (dotted); "
-                 "green true, red false, grey not settled (Holm-corrected)", fontsize=9)
-    fig.tight_layout()
-    return fig
+    return seeds.judge([c(per_seed, names, lora_names) for c in CLAIMS])
 
 
 def main(argv=None) -> int:
@@ -298,7 +246,7 @@ def main(argv=None) -> int:
     result, losses = shown
     names = result["models"]
     lora_names = [n for n in names if result["adapters_of"][n]]
-    per_seed = stack(measured)
+    per_seed = common.stack(measured)
     result.update(seeds=seed_list, shown_seed=seed_list[0], per_seed=per_seed,
                   claims=judge(per_seed, names, lora_names), losses=losses)
     n_verdicts = sum(len(c["findings"]) for c in result["claims"])
@@ -310,25 +258,14 @@ def main(argv=None) -> int:
                   seeds.interval_text(seeds.finding(m, per_seed["steps"][m], 0.0)) if m != "base" else "—",
                   seeds.interval_text(seeds.finding(m, per_seed["finetune_loss"][m], 0.0)),
                   seeds.interval_text(seeds.finding(m, per_seed["base_loss"][m], 0.0))) for m in ["base", *names]]
-    claim_rows = "".join(f"<tr><td>{i + 1}</td><td>{html.escape(c['claim'])}</td><td><b>{html.escape(c['verdict'])}"
-                         f"</b></td><td>{html.escape(c['evidence'])}</td><td>{html.escape(c['note'])}</td></tr>"
-                         for i, c in enumerate(result["claims"]))
-    how = (f"<p>{n} seed{'s' if n != 1 else ''} ({', '.join(map(str, seed_list))}); each is the whole pipeline: its "
-           "own corpus sample, base pretraining, fine-tunes and batch order. Every number below is the mean over "
-           "seeds with its 95% Student-t interval (at a handful of seeds a bootstrap cannot leave the range of the "
-           f"values it resamples). The report makes {n_verdicts} verdicts, one per finding; each is a two-sided "
-           f"one-sample t-test against the threshold in its claim, Holm-corrected over all {n_verdicts}, so the "
-           f"chance that any verdict here is wrong is at most {seeds.ALPHA:g}. A verdict is 'true' or 'false' "
-           f"only when its corrected test decides it, otherwise 'not settled by {n} seeds'. The figures above "
-           f"show seed {seed_list[0]} alone; per-seed values are in metrics.json (per_seed, claims[].findings).</p>")
     page = report.write(Path(args.out), result, title="01 — What changes when I fine-tune, fully or with LoRA?",
                         extra=[("Losses: what each variant learned and forgot (mean [95% interval] over seeds)",
                                 common.table(["model", "trainable parameters", "steps", "bindings loss (fine-tuning)",
                                               "associations loss (pretraining)"], loss_rows)),
-                               ("Claims, over seeds", how + "<table><tr><th>#</th><th>claim</th><th>verdict</th>"
-                                "<th>evidence: mean [95% interval]</th><th>why it differs from the literature</th>"
-                                f"</tr>{claim_rows}</table>"),
-                               ("Every seed's value and the interval, per claim", ("claims", fig_findings(
+                               ("Claims, over seeds", report.claims_html(result["claims"], seed_list) + (
+                                   f"<p>The figures above show seed {seed_list[0]} alone; per-seed values are in "
+                                   "metrics.json (per_seed, claims[].findings).</p>")),
+                               ("Every seed's value and the interval, per claim", ("claims", report.fig_findings(
                                    result["claims"])))])
     for i, c in enumerate(result["claims"]):
         print(f"{i + 1}. {c['claim']}\n   -> {c['verdict']}")

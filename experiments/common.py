@@ -180,3 +180,8 @@ def table(header, rows) -> str:
 
 def fmt(x, digits: int = 3) -> str:
     return "—" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{digits}g}"
+
+
+def stack(measured: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """Per-seed {measurement: {model: value}} -> {measurement: {model: [value per seed]}}."""
+    return {k: {n: [one[k][n] for one in measured] for n in measured[0][k]} for k in measured[0]}

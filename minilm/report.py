@@ -201,6 +201,46 @@ def fig_adapter_subspaces(result) -> Figure | None:
 # ---------------------------------------------------------------- the page
 
 
+VERDICT_COLOURS = {"true": "#2ca02c", "false": "#d62728"}  # anything else: not settled, grey
+
+
+def fig_findings(claims: list[dict]) -> Figure:
+    """One panel per claim: each finding's per-seed values (dots), mean and 95% interval (bar), threshold."""
+    fig = Figure(figsize=(12, 2.2 * ((len(claims) + 1) // 2) + 0.6))
+    axes = fig.subplots((len(claims) + 1) // 2, 2).ravel()
+    for i, (ax, c) in enumerate(zip(axes, claims)):
+        rows = c["findings"]
+        for y, r in enumerate(rows):
+            colour = VERDICT_COLOURS.get(r["verdict"], "grey")
+            ax.plot(r["values"], [y] * len(r["values"]), "o", ms=3, color=colour, alpha=0.6)
+            if np.isfinite(r["low"] if r["low"] is not None else np.nan):
+                ax.plot([r["low"], r["high"]], [y, y], "-", lw=3, color=colour, alpha=0.5)
+            ax.plot([r["mean"]], [y], "|", ms=12, mew=2, color=colour)
+            ax.plot([r["threshold"]] * 2, [y - 0.4, y + 0.4], ":", color="black", lw=1)
+        ax.set_yticks(range(len(rows)), [r["label"] for r in rows], fontsize=7)
+        ax.invert_yaxis()
+        ax.tick_params(axis="x", labelsize=7)
+        ax.set_title(f"{i + 1}. " + c["claim"][:70] + ("…" if len(c["claim"]) > 70 else ""), fontsize=8)
+    for ax in axes[len(claims):]:
+        ax.set_visible(False)
+    fig.suptitle("Every seed's value (dots), mean and 95% t interval (bar), threshold (dotted); "
+                 "green true, red false, grey not settled (Holm-corrected)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def claims_html(claims: list[dict], seed_list) -> str:
+    """How the verdicts were reached (seeds, interval, test, correction), then one table row per claim."""
+    from minilm.analysis.seeds import method_text
+    n_verdicts = sum(len(c["findings"]) for c in claims)
+    rows = "".join(f"<tr><td>{i + 1}</td><td>{html.escape(c['claim'])}</td><td><b>{html.escape(c['verdict'])}</b>"
+                   f"</td><td>{html.escape(c['evidence'])}</td><td>{html.escape(c['note'])}</td></tr>"
+                   for i, c in enumerate(claims))
+    return (f"<p>{html.escape(method_text(seed_list, n_verdicts))}</p><table><tr><th>#</th><th>claim</th>"
+            "<th>verdict</th><th>evidence: mean [95% interval]</th><th>why it may differ from the literature</th>"
+            f"</tr>{rows}</table>")
+
+
 def _save_png(fig: Figure, path: Path) -> str:
     """Write `fig` to `path` as PNG; return the same bytes in base64, for embedding in the page."""
     buffer = io.BytesIO()

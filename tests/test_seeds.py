@@ -112,3 +112,18 @@ def test_bad_values_are_refused():
         seeds.finding("x", [1.0, float("nan")], 0.0)
     with pytest.raises(MinilmError, match="one finite number per seed"):
         seeds.finding("x", [], 0.0)
+
+
+def test_judge_corrects_over_every_claim_of_a_report():
+    clear = seeds.finding("clear", [1.0, 1.1, 0.9, 1.05, 0.95], 0.0)  # p ≈ 1.4e-5
+    weak = seeds.finding("weak", [0.1, 0.3, 0.2, 0.25, 0.15], 0.0)   # p ≈ 0.0039: alone it would be settled
+    noise = [seeds.finding(f"noise {i}", [-1.0, 1.0, -0.5, 0.5, 0.01 * i], 0.0) for i in range(12)]
+    alone = seeds.judge([{"claim": "b", "findings": [weak]}])
+    assert alone[0]["verdict"] == "true" and alone[0]["findings"][0]["p_holm"] == weak.p
+    claims = seeds.judge([{"claim": "a", "findings": [clear]}, {"claim": "b", "findings": [weak]},
+                          {"claim": "c", "findings": noise, "note": "why"}])
+    # 14 findings: weak's p is the second smallest, so Holm compares it with α/13, which it misses
+    assert claims[0]["verdict"] == "true" and claims[1]["verdict"] == "not settled by 5 seeds"
+    assert claims[1]["findings"][0]["p_holm"] == pytest.approx(13 * weak.p)
+    assert claims[2]["note"] == "why" and claims[0]["note"] == ""
+    assert claims[0]["evidence"].startswith("clear: +1 [")

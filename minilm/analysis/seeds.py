@@ -124,3 +124,40 @@ def interval_text(f: Finding, digits: int = 3) -> str:
     if not np.isfinite(f.low):
         return f"{f.mean:+.{digits}g} (one seed: no interval)"
     return f"{f.mean:+.{digits}g} [{f.low:+.{digits}g}, {f.high:+.{digits}g}]"
+
+
+def judge(claims: Sequence[dict], alpha: float = ALPHA) -> list[dict]:
+    """Every claim's verdict from its findings, Holm-corrected over all the findings of one report.
+
+    A claim is {"claim": text with its thresholds, "findings": [Finding, ...], "note": why it may differ
+    from the literature, "evidence": optional extra text}; the result keeps each finding's per-seed values,
+    mean, interval, p, Holm p and verdict (JSON-ready), the claim's combined verdict and its evidence line.
+    """
+    family = [f for c in claims for f in c["findings"]]
+    adjusted = iter(holm([f.p for f in family]))
+    out = []
+    for c in claims:
+        rows = []
+        for f in c["findings"]:
+            q = float(next(adjusted))
+            rows.append({"label": f.label, "values": list(f.values), "mean": f.mean, "low": f.low, "high": f.high,
+                         "threshold": f.threshold, "above": f.above, "p": f.p, "p_holm": q,
+                         "verdict": verdict(f, q, alpha)})
+        combined = combine([(r["label"], r["verdict"]) for r in rows])
+        evidence = "; ".join(f"{f.label}: {interval_text(f)}" for f in c["findings"])
+        out.append({"claim": c["claim"], "verdict": combined,
+                    "evidence": evidence + (". " + c["evidence"] if c.get("evidence") else ""),
+                    "note": "" if combined == "true" else c.get("note", ""), "findings": rows})
+    return out
+
+
+def method_text(seed_list: Sequence[int], n_verdicts: int, alpha: float = ALPHA) -> str:
+    """One paragraph for a report: what a seed is, which interval, which test and correction."""
+    n = len(seed_list)
+    return (f"{n} seed{'s' if n != 1 else ''} ({', '.join(map(str, seed_list))}); each is the whole pipeline: its "
+            "own corpus sample, base pretraining, fine-tunes and batch order. Every number is the mean over seeds "
+            "with its 95% Student-t interval (at a handful of seeds a bootstrap cannot leave the range of the "
+            f"values it resamples). The report makes {n_verdicts} verdicts, one per finding; each is a two-sided "
+            f"one-sample t-test against the threshold in its claim, Holm-corrected over all {n_verdicts}, so the "
+            f"chance that any verdict here is wrong is at most {alpha:g}. A verdict is 'true' or 'false' only when "
+            f"its corrected test decides it, otherwise 'not settled by {n} seeds'.")
