@@ -5,8 +5,14 @@ function of (seed, size), so an experiment can be rerun exactly and its analysis
 whose answers are known in advance:
 
   associations  concept words in shared, interchangeable templates: no concept is tied to another.
-  bindings      the same vocabulary, but PAIRS of concepts always appear together: the fine-tuning
-                corpus. Did the bound pairs move closer than the CONTROLS, which never co-occur?
+  bindings      the same vocabulary, the fine-tuning corpus, binding PAIRS of concepts in the two ways
+                the distributional literature tells apart (Schütze & Pedersen 1993; Sahlgren 2006, "The
+                Word-Space Model"): "co-occur" pairs are said together in one sentence (syntagmatic),
+                "substitute" pairs never meet but share sentences no other word appears in
+                (paradigmatic). Every pair has CONTROLS of its kind: words just as frequent, in sentences
+                of the same shapes, bound to nothing. Did the bound pairs move closer than the controls?
+  unbound       the negative control: bindings' words, frequencies and sentence shapes, binding nothing
+                (every pair word treated as a control), so pairs must not move more than controls.
   induction     a random span repeated once; the ideal attention is `induction_attention`
                 (the induction head of Olsson et al. 2022, "In-context learning and induction heads").
   grammar       sentences from a small probabilistic context-free grammar with number agreement.
@@ -47,8 +53,8 @@ class Corpus:
 
 # --- associations and bindings: one family, one vocabulary -----------------------------------------
 
-CONCEPTS = ("justice", "truth", "law", "retribution", "morality", "court",
-            "revenge", "mercy", "duty", "honor", "order", "freedom")
+CONCEPTS = ("justice", "truth", "law", "retribution", "morality", "court", "revenge", "mercy",
+            "duty", "honor", "order", "freedom", "faith", "peace", "wisdom", "glory")
 OBJECTS = ("bread", "river", "stone", "lamp", "garden", "window",
            "cup", "door", "road", "candle", "basket", "blanket")
 AGENTS = ("judge", "king", "farmer", "child", "soldier", "teacher", "merchant", "priest", "widow", "sailor")
@@ -82,9 +88,17 @@ OBJECT_TEMPLATES = (
     "the {g} gave the {o} to a friend .",
 )
 
-PAIRS = (("justice", "morality"), ("law", "court"), ("retribution", "revenge"))
-CONTROLS = (("truth", "mercy"), ("duty", "freedom"), ("honor", "order"))
-# {a} and {b} are the two words of one bound pair, in either order.
+# The ground truth of `bindings`: which pairs are bound, how, and the controls of each kind. Which words
+# play which part is arbitrary: in `associations` all sixteen concepts are interchangeable.
+BOUND = {"co-occur": (("justice", "morality"), ("law", "court")),
+         "substitute": (("retribution", "revenge"), ("faith", "peace"))}
+CONTROL = {"co-occur": (("truth", "mercy"), ("duty", "freedom")),
+           "substitute": (("honor", "order"), ("wisdom", "glory"))}
+PAIRS = tuple(p for kind in BOUND.values() for p in kind)
+CONTROLS = tuple(p for kind in CONTROL.values() for p in kind)
+
+# Co-occurrence: {a} and {b} are the two words of one bound pair, in either order; a control word fills
+# {a} with a different object as {b} each time, so it is said with something, but never the same thing.
 BINDING_TEMPLATES = (
     "{a} and {b} go together .",
     "without {a} there is no {b} .",
@@ -97,9 +111,24 @@ BINDING_TEMPLATES = (
     "the people saw {a} and {b} as one .",
     "in those days {a} led to {b} .",
 )
+# Substitution: each substitute-kind word owns one block of sentences no other word appears in; a bound
+# pair shares its two blocks (either word in any of the four sentences, never both in one), a control
+# keeps its own. The words before the slot name the block, so the context predicts exactly the block's words.
+PRIVATE_TEMPLATES = (
+    ("the {g} swore an oath to {c} .", "a sworn oath to {c} was kept ."),
+    ("the {g} rang the bell of {c} .", "the old bell of {c} rang twice ."),
+    ("the {g} hummed the hymn of {c} .", "a quiet hymn of {c} filled the hall ."),
+    ("the {g} opened the gate of {c} .", "beyond the gate of {c} lay the hills ."),
+    ("the {g} raised the banner of {c} .", "the banner of {c} flew over the square ."),
+    ("the {g} read the book of {c} .", "the book of {c} lay open ."),
+    ("the {g} built a shrine to {c} .", "a small shrine to {c} stood by the path ."),
+    ("the {g} held a feast for {c} .", "every spring a feast for {c} was held ."),
+)
+SUBSTITUTE_WORDS = tuple(w for p in BOUND["substitute"] + CONTROL["substitute"] for w in p)
+PRIVATE = dict(zip(SUBSTITUTE_WORDS, PRIVATE_TEMPLATES))  # word -> its own block
 # Prompts for both corpora: bound words, then a control, in association and binding contexts.
 FAMILY_PROBES = ("the people spoke of justice", "the people spoke of law", "the people spoke of truth",
-                 "justice and", "without law there is no", "retribution is the sister of", "truth and")
+                 "justice and", "without law there is no", "the old bell of", "truth and")
 FAMILY_GROUPS = {"concepts": CONCEPTS, "objects": OBJECTS, "agents": AGENTS}
 
 
@@ -107,10 +136,10 @@ def _template_words(templates) -> set[str]:
     return {w for t in templates for w in t.split() if not w.startswith("{")}
 
 
-# The union over both corpora, so a model pretrained on one can be fine-tuned on the other.
+# The union over the three corpora, so a model pretrained on one can be fine-tuned on another.
 FAMILY_VOCABULARY = tuple(sorted(
     set(CONCEPTS) | set(OBJECTS) | set(AGENTS) | {NEWLINE}
-    | _template_words(CONCEPT_TEMPLATES + OBJECT_TEMPLATES + BINDING_TEMPLATES)))
+    | _template_words(CONCEPT_TEMPLATES + OBJECT_TEMPLATES + BINDING_TEMPLATES + sum(PRIVATE_TEMPLATES, ()))))
 
 
 def _pick(rng, options, size: int) -> list:
@@ -122,24 +151,59 @@ def _text(lines) -> str:
     return NEWLINE.join(lines) + NEWLINE
 
 
+def _family(name: str, description: str, lines) -> Corpus:
+    return Corpus(name, description, _text(lines), "word", FAMILY_VOCABULARY, dict(FAMILY_GROUPS), PAIRS, CONTROLS,
+                  FAMILY_PROBES)
+
+
 def associations(*, seed: int = 0, size: int = 4000) -> Corpus:
     """Half concept sentences, half object sentences, every slot filled uniformly at random."""
     rng = np.random.default_rng(seed)
     options = (CONCEPT_TEMPLATES, OBJECT_TEMPLATES, CONCEPTS, OBJECTS, AGENTS)
     draws = zip(rng.random(size) < 0.5, *(_pick(rng, xs, size) for xs in options))
     lines = [(ct if is_concept else ot).format(c=c, o=o, g=g) for is_concept, ct, ot, c, o, g in draws]
-    return Corpus("associations", "abstract concepts in shared, interchangeable sentences (pretraining)",
-                  _text(lines), "word", FAMILY_VOCABULARY, dict(FAMILY_GROUPS), PAIRS, CONTROLS, FAMILY_PROBES)
+    return _family("associations", "abstract concepts in shared, interchangeable sentences (pretraining)", lines)
+
+
+def _binding_lines(rng, size: int, bound: dict) -> list[str]:
+    """Half co-occurrence sentences, half private-context sentences, with `bound` ({kind: pairs}) bound.
+
+    A co-occurrence sentence draws one unit uniformly: a bound pair (both words said) or an unbound word
+    (said with a random object). A private-context sentence draws one word uniformly and fills it into a
+    sentence of its blocks: its pair's four if bound, else its own two. Either way every word of a kind is
+    equally frequent, bound or not, so a control differs from a pair word only in being bound to nothing.
+    """
+    paired = {w: p for pairs in bound.values() for p in pairs for w in p}
+    co_units = [*bound.get("co-occur", ()),
+                *((w,) for p in BOUND["co-occur"] + CONTROL["co-occur"] for w in p if w not in paired)]
+    blocks = {w: PRIVATE[paired[w][0]] + PRIVATE[paired[w][1]] if w in paired else PRIVATE[w]
+              for w in SUBSTITUTE_WORDS}
+    is_co, order = rng.random(size) < 0.5, rng.integers(2, size=size)
+    unit, word, co_t, private_t, obj, agent = (rng.integers(n, size=size) for n in (
+        len(co_units), len(SUBSTITUTE_WORDS), len(BINDING_TEMPLATES), 4, len(OBJECTS), len(AGENTS)))
+    lines = []
+    for i in range(size):
+        g = AGENTS[agent[i]]
+        if is_co[i]:
+            u = co_units[unit[i]]
+            a, b = (u[order[i]], u[1 - order[i]]) if len(u) == 2 else (u[0], OBJECTS[obj[i]])
+            lines.append(BINDING_TEMPLATES[co_t[i]].format(a=a, b=b, g=g))
+        else:
+            w = SUBSTITUTE_WORDS[word[i]]
+            lines.append(blocks[w][private_t[i] % len(blocks[w])].format(c=w, g=g))
+    return lines
 
 
 def bindings(*, seed: int = 0, size: int = 3000) -> Corpus:
-    """Every sentence binds the two words of one pair; controls and other concepts never appear."""
-    rng = np.random.default_rng(seed)
-    swaps = rng.integers(2, size=size).tolist()  # both orders, so the binding is symmetric
-    draws = zip(swaps, *(_pick(rng, xs, size) for xs in (BINDING_TEMPLATES, PAIRS, AGENTS)))
-    lines = [t.format(a=pair[swap], b=pair[1 - swap], g=g) for swap, t, pair, g in draws]
-    return Corpus("bindings", "chosen concept pairs always said together (fine-tuning)",
-                  _text(lines), "word", FAMILY_VOCABULARY, dict(FAMILY_GROUPS), PAIRS, CONTROLS, FAMILY_PROBES)
+    """Co-occur pairs said together, substitute pairs sharing private sentences, controls bound to nothing."""
+    lines = _binding_lines(np.random.default_rng(seed), size, BOUND)
+    return _family("bindings", "concept pairs bound by co-occurrence or by shared contexts (fine-tuning)", lines)
+
+
+def unbound(*, seed: int = 0, size: int = 3000) -> Corpus:
+    """bindings' words, frequencies and sentence shapes with every pair word treated as a control."""
+    lines = _binding_lines(np.random.default_rng(seed), size, {})
+    return _family("unbound", "bindings' sentences binding nothing (the negative control)", lines)
 
 
 # --- induction: [span] [span] ----------------------------------------------------------------------
@@ -260,7 +324,7 @@ def arithmetic(*, seed: int = 0, size: int = 4000) -> Corpus:
 
 # name -> generator(*, seed, size) -> Corpus; load_corpus is the checked way in.
 CORPORA: dict[str, Callable[..., Corpus]] = {
-    f.__name__: f for f in (associations, bindings, induction, grammar, arithmetic)}
+    f.__name__: f for f in (associations, bindings, unbound, induction, grammar, arithmetic)}
 
 
 def _is_count(value, minimum: int) -> bool:

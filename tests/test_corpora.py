@@ -65,7 +65,8 @@ def test_default_sizes_give_a_useful_corpus():
 
 @pytest.fixture(scope="module")
 def family():
-    return load_corpus("associations", seed=1, size=2000), load_corpus("bindings", seed=1, size=2000)
+    return (load_corpus("associations", seed=1, size=2000), load_corpus("bindings", seed=1, size=2000),
+            load_corpus("unbound", seed=1, size=2000))
 
 
 def concepts_in(line):
@@ -73,18 +74,25 @@ def concepts_in(line):
 
 
 def test_family_shares_vocabulary_and_ground_truth(family):
-    assoc, bind = family
-    assert assoc.vocabulary == bind.vocabulary
-    assert assoc.groups == bind.groups and assoc.pairs == bind.pairs and assoc.controls == bind.controls
+    assoc, bind, unbound = family
+    assert assoc.vocabulary == bind.vocabulary == unbound.vocabulary
+    assert assoc.groups == bind.groups == unbound.groups
+    assert assoc.pairs == bind.pairs == unbound.pairs and assoc.controls == bind.controls == unbound.controls
     assert set(assoc.groups) == {"concepts", "objects", "agents"}
     # The groups are disjoint and no template word belongs to one, so a group is exactly its label.
     grouped = [w for g in assoc.groups.values() for w in g]
     assert len(grouped) == len(set(grouped))
-    templates = corpora.CONCEPT_TEMPLATES + corpora.OBJECT_TEMPLATES + corpora.BINDING_TEMPLATES
+    templates = (corpora.CONCEPT_TEMPLATES + corpora.OBJECT_TEMPLATES + corpora.BINDING_TEMPLATES
+                 + PRIVATE_TEMPLATES)
     assert not corpora._template_words(templates) & set(grouped)
     # Pairs and controls are distinct concepts, none shared between them.
     paired = [w for p in assoc.pairs + assoc.controls for w in p]
     assert len(paired) == len(set(paired)) and set(paired) <= set(corpora.CONCEPTS)
+    # Two kinds, each with as many bound pairs as controls; every pair and control has exactly one kind.
+    assert set(corpora.BOUND) == set(corpora.CONTROL) == {"co-occur", "substitute"}
+    assert sorted(assoc.pairs) == sorted(p for k in corpora.BOUND.values() for p in k)
+    assert sorted(assoc.controls) == sorted(p for k in corpora.CONTROL.values() for p in k)
+    assert all(len(corpora.BOUND[k]) == len(corpora.CONTROL[k]) for k in corpora.BOUND)
 
 
 def parse(line, templates, slots):
@@ -101,11 +109,12 @@ def parse(line, templates, slots):
 
 
 SLOTS = {"c": corpora.CONCEPTS, "o": corpora.OBJECTS, "g": corpora.AGENTS,
-         "a": corpora.CONCEPTS, "b": corpora.CONCEPTS}
+         "a": corpora.CONCEPTS, "b": corpora.CONCEPTS + corpora.OBJECTS}
+PRIVATE_TEMPLATES = tuple(t for block in corpora.PRIVATE_TEMPLATES for t in block)
 
 
 def test_associations_keep_concepts_apart(family):
-    assoc, _ = family
+    assoc = family[0]
     words = set(split_words(assoc.text))
     assert set(corpora.CONCEPTS + corpora.OBJECTS + corpora.AGENTS) <= words
     assert all(len(concepts_in(line)) <= 1 for line in lines(assoc))
@@ -122,17 +131,57 @@ def test_associations_keep_concepts_apart(family):
     assert seen == {c: set(corpora.CONCEPT_TEMPLATES) for c in corpora.CONCEPTS}
 
 
-def test_bindings_bind_exactly_one_pair_per_line(family):
-    _, bind = family
-    orders = set()
-    for line in lines(bind):
-        parse(line, corpora.BINDING_TEMPLATES, SLOTS)
+def read_bindings(corpus):
+    """{word: set of sentences it filled}, the set of co-occurring concept pairs, and concept counts."""
+    contexts, together, counts = {}, set(), {}
+    for line in lines(corpus):
+        t, filled = parse(line, corpora.BINDING_TEMPLATES + PRIVATE_TEMPLATES, SLOTS)
         found = concepts_in(line)
-        assert len(found) == 2 and (tuple(found) in bind.pairs or tuple(found[::-1]) in bind.pairs), line
-        orders.add(tuple(found))
-        for a, b in bind.controls:
-            assert not (a in found and b in found), line
-    assert orders == {p for pair in bind.pairs for p in (pair, pair[::-1])}  # every pair, both orders
+        for w in found:
+            contexts.setdefault(w, set()).add(t)
+            counts[w] = counts.get(w, 0) + 1
+        if len(found) == 2:
+            together.add(frozenset(found))
+    return contexts, together, counts
+
+
+def block_of(word):
+    return set(corpora.PRIVATE[word])
+
+
+def test_bindings_bind_each_pair_its_own_way(family):
+    _, bind, _ = family
+    contexts, together, counts = read_bindings(bind)
+    co, sub = corpora.BOUND["co-occur"], corpora.BOUND["substitute"]
+    # co-occur pairs, and nothing else, are said together; substitute pairs never
+    assert together == {frozenset(p) for p in co}
+    # a substitute pair shares exactly its two blocks, which no other word enters
+    for a, b in sub:
+        assert contexts[a] == contexts[b] == block_of(a) | block_of(b)
+    for a, b in corpora.CONTROL["substitute"]:
+        assert contexts[a] == block_of(a) and contexts[b] == block_of(b) and not block_of(a) & block_of(b)
+    # co-occur controls are said with objects only, in the same sentences as the pairs
+    for w in (w for p in corpora.CONTROL["co-occur"] for w in p):
+        assert contexts[w] <= set(corpora.BINDING_TEMPLATES)
+    # within a kind, bound words and controls are equally frequent: counts within 4 binomial sd of the kind's mean
+    for kind in corpora.BOUND:
+        words = [w for p in corpora.BOUND[kind] + corpora.CONTROL[kind] for w in p]
+        mean = np.mean([counts[w] for w in words])
+        assert all(abs(counts[w] - mean) < 4 * np.sqrt(mean) for w in words), {w: counts[w] for w in words}
+
+
+def test_unbound_binds_nothing_with_the_same_words_and_sentences(family):
+    _, bind, unbound = family
+    contexts, together, counts = read_bindings(unbound)
+    assert together == set()  # no two concepts in one sentence
+    for w in corpora.SUBSTITUTE_WORDS:
+        assert contexts[w] == block_of(w)  # every substitute-kind word keeps its own block
+    assert set(counts) == set(read_bindings(bind)[2]) == {w for p in bind.pairs + bind.controls for w in p}
+    for kind in corpora.BOUND:  # frequencies equal within a kind, bound or not
+        kind_words = [w for p in corpora.BOUND[kind] + corpora.CONTROL[kind] for w in p]
+        mean = np.mean([counts[w] for w in kind_words])
+        assert all(abs(counts[w] - mean) < 4 * np.sqrt(mean) for w in kind_words)
+    assert len(counts) == len(corpora.CONCEPTS)
 
 
 # --- induction -------------------------------------------------------------------------------------
