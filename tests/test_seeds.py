@@ -127,3 +127,21 @@ def test_judge_corrects_over_every_claim_of_a_report():
     assert claims[1]["findings"][0]["p_holm"] == pytest.approx(13 * weak.p)
     assert claims[2]["note"] == "why" and claims[0]["note"] == ""
     assert claims[0]["evidence"].startswith("clear: +1 [")
+
+
+def test_detectable_effect_has_the_power_it_claims():
+    # Monte Carlo oracle: draw N normal seeds with the detectable mean; the t-test rejects at the stated rate
+    n, spread, alpha = 5, 0.05, 0.01
+    effect = seeds.detectable_effect(spread, n, alpha, power=0.8)
+    rng = np.random.default_rng(0)
+    draws = rng.normal(effect, spread, size=(40_000, n))
+    t = draws.mean(1) / (draws.std(1, ddof=1) / math.sqrt(n))
+    critical = 4.604  # t(0.995, 4), printed tables
+    assert np.mean(np.abs(t) > critical) == pytest.approx(0.8, abs=0.01)
+    # the normal limit at large N: (z_{1-α/2} + z_power) σ/√N
+    assert seeds.detectable_effect(1.0, 10_000, 0.05, 0.8) == pytest.approx((1.959964 + 0.841621) / 100, rel=1e-3)
+    # more seeds or a looser level detect less; no spread detects anything
+    assert seeds.detectable_effect(spread, 10, alpha) < effect < seeds.detectable_effect(spread, 5, alpha / 10)
+    assert seeds.detectable_effect(0.0, 5) == 0.0
+    with pytest.raises(MinilmError, match="n >= 2"):
+        seeds.detectable_effect(1.0, 1)

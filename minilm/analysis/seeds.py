@@ -19,6 +19,12 @@ order) and judged on the spread of those N numbers:
 * verdict   "true" or "false" only when the corrected test rejects, in the claim's direction or against
             it; otherwise "not settled by N seeds". The interval is always shown with it.
 
+* power     before a design is trusted to answer, ask what it can detect: `detectable_effect` is the
+            smallest true mean difference from the threshold that the two-sided t-test at level α finds
+            with probability `power`, given the seed-to-seed spread s and N seeds (the noncentral t:
+            Cohen 1988, "Statistical Power Analysis for the Behavioral Sciences", ch. 2). A claim whose
+            effect is below it will read "not settled" most of the time, whatever is true.
+
 If every seed gives the same value (s = 0: a count that came out equal, or a weight LoRA cannot touch
 staying bit-identical), t is undefined. The interval is that point, and the test falls back to the
 sign test: N values all on one side of the threshold have probability 2 · 2^-N under a null symmetric
@@ -31,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
+from scipy import optimize, stats
 
 from minilm.errors import MinilmError
 
@@ -76,6 +82,29 @@ def finding(label: str, values: Sequence[float], threshold: float, *, above: boo
     half = float(stats.t.ppf((1 + level) / 2, df=n - 1)) * se
     p = float(2 * stats.t.sf(abs(mean - threshold) / se, df=n - 1))
     return Finding(label, tuple(x.tolist()), threshold, above, mean, float(mean - half), float(mean + half), p)
+
+
+def detectable_effect(spread: float, n: int, alpha: float = ALPHA, power: float = 0.8) -> float:
+    """Smallest |mean - threshold| that a two-sided one-sample t-test at level `alpha` over `n` seeds rejects
+    with probability `power`, when per-seed values have standard deviation `spread`.
+
+    Under the alternative, t = (mean - threshold) / (s/√n) follows the noncentral t with n-1 degrees of
+    freedom and noncentrality δ√n/σ; solve P(|t| > t_{1-α/2}) = power for δ.
+    """
+    if n < 2 or not 0 < alpha < 1 or not 0 < power < 1 or not spread >= 0:
+        raise MinilmError(f"detectable_effect needs n >= 2 seeds, 0 < alpha, power < 1 and spread >= 0; got n={n}, "
+                          f"alpha={alpha}, power={power}, spread={spread}")
+    if spread == 0:
+        return 0.0
+    df, critical = n - 1, float(stats.t.ppf(1 - alpha / 2, n - 1))
+
+    def shortfall(nc):  # the far tail is tiny for nc > 0; scipy returns NaN for some of its values
+        return float(stats.nct.sf(critical, df, nc) + np.nan_to_num(stats.nct.cdf(-critical, df, nc))) - power
+
+    high = 1.0
+    while shortfall(high) < 0:
+        high *= 2
+    return float(optimize.brentq(shortfall, 0.0, high, xtol=1e-10)) * spread / np.sqrt(n)
 
 
 def holm(p_values: Sequence[float]) -> np.ndarray:
