@@ -162,8 +162,8 @@ class TrainConfig:
 class DataConfig:
     """Where the training text comes from: a built-in corpus or a text file of your own."""
 
-    corpus: str | None = option(None, "built-in corpus: associations, bindings, unbound, induction, grammar, arithmetic",
-                               metavar="NAME")
+    corpus: str | None = option(None, "built-in corpus: associations, bindings, unbound, induction, grammar, "
+                                      "arithmetic", metavar="NAME")
     text: str | None = option(None, "train on this UTF-8 text file instead of a built-in corpus", metavar="PATH")
     tokenizer: str = option("auto", "char | word | auto (the corpus's own; char for --text)", metavar="KIND",
                             choices=TOKENIZERS)

@@ -113,22 +113,30 @@ BINDING_TEMPLATES = (
 )
 # Substitution: each substitute-kind word owns one block of sentences no other word appears in; a bound
 # pair shares its two blocks (either word in any of the four sentences, never both in one), a control
-# keeps its own. The words before the slot name the block, so the context predicts exactly the block's words.
+# keeps its own. Every block has one shape, "the NOUN of {c}", so that blocks differ only in their noun and
+# what follows; which word owns which block is drawn per seed (`private_blocks`), so that no pair or
+# control is favoured by its blocks' words over the seeds.
 PRIVATE_TEMPLATES = (
-    ("the {g} swore an oath to {c} .", "a sworn oath to {c} was kept ."),
-    ("the {g} rang the bell of {c} .", "the old bell of {c} rang twice ."),
-    ("the {g} hummed the hymn of {c} .", "a quiet hymn of {c} filled the hall ."),
-    ("the {g} opened the gate of {c} .", "beyond the gate of {c} lay the hills ."),
-    ("the {g} raised the banner of {c} .", "the banner of {c} flew over the square ."),
+    ("the {g} swore by the oath of {c} .", "the oath of {c} was kept ."),
+    ("the {g} rang the bell of {c} .", "the bell of {c} rang twice ."),
+    ("the {g} sang the hymn of {c} .", "the hymn of {c} filled the hall ."),
+    ("the {g} opened the gate of {c} .", "the gate of {c} stood open ."),
+    ("the {g} raised the banner of {c} .", "the banner of {c} flew high ."),
     ("the {g} read the book of {c} .", "the book of {c} lay open ."),
-    ("the {g} built a shrine to {c} .", "a small shrine to {c} stood by the path ."),
-    ("the {g} held a feast for {c} .", "every spring a feast for {c} was held ."),
+    ("the {g} built the shrine of {c} .", "the shrine of {c} stood by the path ."),
+    ("the {g} held the feast of {c} .", "the feast of {c} was a joy ."),
 )
 SUBSTITUTE_WORDS = tuple(w for p in BOUND["substitute"] + CONTROL["substitute"] for w in p)
-PRIVATE = dict(zip(SUBSTITUTE_WORDS, PRIVATE_TEMPLATES))  # word -> its own block
+
+
+def private_blocks(rng) -> dict[str, tuple[str, str]]:
+    """Each substitute-kind word's own block of sentences, drawn from `rng` (the corpus's first draw)."""
+    return dict(zip(SUBSTITUTE_WORDS, (PRIVATE_TEMPLATES[i] for i in rng.permutation(len(PRIVATE_TEMPLATES)))))
+
+
 # Prompts for both corpora: bound words, then a control, in association and binding contexts.
 FAMILY_PROBES = ("the people spoke of justice", "the people spoke of law", "the people spoke of truth",
-                 "justice and", "without law there is no", "the old bell of", "truth and")
+                 "justice and", "without law there is no", "the bell of", "truth and")
 FAMILY_GROUPS = {"concepts": CONCEPTS, "objects": OBJECTS, "agents": AGENTS}
 
 
@@ -173,10 +181,11 @@ def _binding_lines(rng, size: int, bound: dict) -> list[str]:
     sentence of its blocks: its pair's four if bound, else its own two. Either way every word of a kind is
     equally frequent, bound or not, so a control differs from a pair word only in being bound to nothing.
     """
+    private = private_blocks(rng)
     paired = {w: p for pairs in bound.values() for p in pairs for w in p}
     co_units = [*bound.get("co-occur", ()),
                 *((w,) for p in BOUND["co-occur"] + CONTROL["co-occur"] for w in p if w not in paired)]
-    blocks = {w: PRIVATE[paired[w][0]] + PRIVATE[paired[w][1]] if w in paired else PRIVATE[w]
+    blocks = {w: private[paired[w][0]] + private[paired[w][1]] if w in paired else private[w]
               for w in SUBSTITUTE_WORDS}
     is_co, order = rng.random(size) < 0.5, rng.integers(2, size=size)
     unit, word, co_t, private_t, obj, agent = (rng.integers(n, size=size) for n in (

@@ -145,8 +145,8 @@ def read_bindings(corpus):
     return contexts, together, counts
 
 
-def block_of(word):
-    return set(corpora.PRIVATE[word])
+def block_of(word, seed=1):  # the family fixture's seed
+    return set(corpora.private_blocks(np.random.default_rng(seed))[word])
 
 
 def test_bindings_bind_each_pair_its_own_way(family):
@@ -182,6 +182,17 @@ def test_unbound_binds_nothing_with_the_same_words_and_sentences(family):
         mean = np.mean([counts[w] for w in kind_words])
         assert all(abs(counts[w] - mean) < 4 * np.sqrt(mean) for w in kind_words)
     assert len(counts) == len(corpora.CONCEPTS)
+
+
+def test_private_blocks_are_drawn_per_seed_and_shaped_alike():
+    draws = [corpora.private_blocks(np.random.default_rng(seed)) for seed in range(6)]
+    assert all(sorted(d.values()) == sorted(corpora.PRIVATE_TEMPLATES) for d in draws)  # a permutation each time
+    assert len({tuple(d.values()) for d in draws}) > 1
+    for block in corpora.PRIVATE_TEMPLATES:  # "the NOUN of {c}" in both sentences, one noun per block
+        nouns = {re.search(r"the (\w+) of \{c\}", t).group(1) for t in block}
+        assert len(nouns) == 1
+    nouns = [re.search(r"the (\w+) of \{c\}", block[0]).group(1) for block in corpora.PRIVATE_TEMPLATES]
+    assert len(set(nouns)) == len(nouns)
 
 
 # --- induction -------------------------------------------------------------------------------------

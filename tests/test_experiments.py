@@ -24,8 +24,9 @@ def judge(module, metrics, per_seed=None):
 def test_01_writes_report_and_metrics(exp01):
     _, out, metrics = exp01
     page = (out / "report.html").read_text()
-    assert "Claims" in page and page.count("<tr><td>") >= 8 and (out / "figures" / "claims.png").is_file()
-    assert len(metrics["claims"]) == 8
+    assert "Claims" in page and page.count("<tr><td>") >= 9 and (out / "figures" / "claims.png").is_file()
+    assert (out / "figures" / "binding.png").is_file() and "Bound pairs minus controls, per layer" in page
+    assert len(metrics["claims"]) == 9
     assert all(c["verdict"] and c["evidence"] and c["findings"] for c in metrics["claims"])
     assert set(metrics["losses"]) == {"base", *metrics["models"]}
     assert metrics["seeds"] == [0, 1] and metrics["shown_seed"] == 0
@@ -56,20 +57,31 @@ def test_01_constructed_numbers_decide_what_they_should(exp01):
     module, _, metrics = exp01
     names = metrics["models"]
     per_seed = copy.deepcopy(metrics["per_seed"])
-    # bound pairs clearly closer on both seeds: claim 3 true ...
-    per_seed["pairs_minus_controls"] = {n: [0.3, 0.3000001] for n in names}
+    # bound pairs clearly closer on both seeds, for both kinds, static and contextual: claim 3 true ...
+    closer = [k for k in per_seed if k.startswith("bindings ") and k.endswith((" static", " contextual"))]
+    assert len(closer) == 4  # two kinds × (static, contextual)
+    for k in closer:
+        per_seed[k] = {n: [0.3, 0.3000001] for n in names}
     assert judge(module, metrics, per_seed)[2]["verdict"] == "true"
-    # ... one seed flipped: the interval straddles 0, not settled
-    per_seed["pairs_minus_controls"] = {n: [-0.3, 0.3000001] for n in names}
-    assert judge(module, metrics, per_seed)[2]["verdict"] == "not settled by 2 seeds"
-    # attention untouched: claim 4 false
+    # ... one seed flipped for one kind: that kind is not settled, the other still true
+    kind = closer[0].split(" ")[1]
+    for k in (k for k in closer if k.split(" ")[1] == kind):
+        per_seed[k] = {n: [-0.3, 0.3000001] for n in names}
+    findings = findings_of(judge(module, metrics, per_seed), 3)
+    assert {v for label, v in findings.items() if label.startswith(kind)} == {"not settled by 2 seeds"}
+    assert any(v == "true" for label, v in findings.items() if not label.startswith(kind))
+    # the negative control reads only unbound's numbers: a planted effect there is "true" (a biased design)
+    for k in (k for k in per_seed if k.startswith("unbound ") and k.endswith(" contextual")):
+        per_seed[k] = {n: [0.2, 0.2000001] for n in names}
+    assert set(findings_of(judge(module, metrics, per_seed), 4).values()) >= {"true"}
+    # attention untouched: claim 5 false
     per_seed["max_js"] = {n: [1e-3, 1.0000001e-3] for n in names}
-    assert judge(module, metrics, per_seed)[3]["verdict"] == "false"
+    assert judge(module, metrics, per_seed)[4]["verdict"] == "false"
     # LoRA with a far lower fine-tuning loss than full fine-tuning: "learns less" false for every adapter
     for n in names:
         if metrics["adapters_of"][n]:
             per_seed["finetune_loss"][n] = list(np.subtract(per_seed["finetune_loss"]["full"], [0.5, 0.5000001]))
-    learns = {k: v for k, v in findings_of(judge(module, metrics, per_seed), 8).items() if "learns less" in k}
+    learns = {k: v for k, v in findings_of(judge(module, metrics, per_seed), 9).items() if "learns less" in k}
     assert learns and set(learns.values()) == {"false"}
 
 
@@ -77,6 +89,19 @@ def test_01_a_straddling_interval_is_not_settled(exp01):
     module, _, metrics = exp01
     per_seed = copy.deepcopy(metrics["per_seed"])
     per_seed["silhouette_change"] = {n: [-0.02, 0.03] for n in metrics["models"]}
-    claim = judge(module, metrics, per_seed)[4]
+    claim = judge(module, metrics, per_seed)[5]
     assert claim["verdict"] == "not settled by 2 seeds"
     assert all(f["low"] < 0 < f["high"] for f in claim["findings"])
+
+
+def test_01_binding_effect_is_pairs_minus_controls_of_one_kind(exp01):
+    from minilm import corpora
+    module = exp01[0]
+    rows = lambda pairs, cos: [{"a": a, "b": b, "cosine": c} for (a, b), c in zip(pairs, cos)]  # noqa: E731
+    pairs, controls = corpora.PAIRS, corpora.CONTROLS  # co-occur pairs first, then substitute
+    part = {"base": {"pairs": rows(pairs, [0.1, 0.2, 0.3, 0.4]), "controls": rows(controls, [0.5, 0.5, 0.5, 0.5])},
+            "tuned": {"pairs": rows(pairs, [0.4, 0.4, 0.3, 0.3]), "controls": rows(controls, [0.6, 0.4, 0.5, 0.7])}}
+    # co-occur: pairs +0.3, +0.2 (mean 0.25), controls +0.1, -0.1 (mean 0); substitute: pairs 0, -0.1, controls 0, +0.2
+    assert [corpora.PAIRS[:2], corpora.PAIRS[2:]] == [corpora.BOUND["co-occur"], corpora.BOUND["substitute"]]
+    assert module.binding_effect(part, "co-occur") == pytest.approx(0.25)
+    assert module.binding_effect(part, "substitute") == pytest.approx(-0.05 - 0.1)

@@ -160,10 +160,12 @@ def judge(claims: Sequence[dict], alpha: float = ALPHA) -> list[dict]:
 
     A claim is {"claim": text with its thresholds, "findings": [Finding, ...], "note": why it may differ
     from the literature, "evidence": optional extra text}; the result keeps each finding's per-seed values,
-    mean, interval, p, Holm p and verdict (JSON-ready), the claim's combined verdict and its evidence line.
+    mean, interval, p, Holm p and verdict (JSON-ready), the smallest effect its spread lets the test find with
+    80% power at Holm's strictest level α/m (`detectable`), the claim's combined verdict and its evidence line.
     """
     family = [f for c in claims for f in c["findings"]]
     adjusted = iter(holm([f.p for f in family]))
+    strictest = alpha / max(1, len(family))  # Holm's first step: what this report can detect at worst
     out = []
     for c in claims:
         rows = []
@@ -171,7 +173,8 @@ def judge(claims: Sequence[dict], alpha: float = ALPHA) -> list[dict]:
             q = float(next(adjusted))
             rows.append({"label": f.label, "values": list(f.values), "mean": f.mean, "low": f.low, "high": f.high,
                          "threshold": f.threshold, "above": f.above, "p": f.p, "p_holm": q,
-                         "verdict": verdict(f, q, alpha)})
+                         "verdict": verdict(f, q, alpha), "detectable": detectable_effect(
+                             float(np.std(f.values, ddof=1)), f.n, strictest) if f.n > 1 else float("nan")})
         combined = combine([(r["label"], r["verdict"]) for r in rows])
         evidence = "; ".join(f"{f.label}: {interval_text(f)}" for f in c["findings"])
         out.append({"claim": c["claim"], "verdict": combined,
