@@ -85,18 +85,33 @@ def data(corpus: str, s: Setup, tokenizer=None) -> Dataset:
 
 
 def fit(trainable, frozen, dataset: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig, label: str,
-        loss=train.loss_fn, stop_below: float | None = None):
+        loss=train.loss_fn, stop_below: float | None = None, watch: dict | None = None, watch_every: int = 0):
     """Train with a progress bar; returns (trainable, [metrics per step]). With `stop_below`, stop at the
-    first evaluation whose held-out loss is at or below it (to compare models at equal loss)."""
+    first evaluation whose held-out loss is at or below it (to compare models at equal loss).
+
+    `watch` {name: windows (A, B, T + 1)} adds `<name>_loss`, the mean loss on those fixed windows, to the
+    metrics every `watch_every` steps and at the last step: losses along training, comparable across runs.
+
+    A run that diverges raises train.Diverged with the metrics so far as its `log` (`finetune` marks the
+    run instead, so that a sweep goes on; a base that diverges stops the experiment).
+    """
     state = train.start(trainable, frozen, train_cfg, key=jax.random.key(train_cfg.seed + 1))
+    watched = {name: (train.make_eval(model_cfg, loss), w) for name, w in (watch or {}).items()}
     log = []
     with tqdm(total=train_cfg.steps, desc=label, unit="step", leave=False) as bar:
-        for state, metrics in train.run(state, dataset, model_cfg, train_cfg, loss):
-            log.append(metrics)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-            bar.update(1)
-            if stop_below is not None and metrics.get("eval_loss", float("inf")) <= stop_below:
-                break
+        try:
+            for state, metrics in train.run(state, dataset, model_cfg, train_cfg, loss):
+                if watched and (metrics["step"] % watch_every == 0 or metrics["step"] == train_cfg.steps):
+                    for name, (evaluate, windows) in watched.items():
+                        metrics[f"{name}_loss"] = float(evaluate(state.trainable, state.frozen, windows))
+                log.append(metrics)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+                bar.update(1)
+                if stop_below is not None and metrics.get("eval_loss", float("inf")) <= stop_below:
+                    break
+        except train.Diverged as e:
+            e.log = log  # what the report shows of a diverged run: its losses up to the failure
+            raise
     return state.trainable, log
 
 
@@ -130,26 +145,36 @@ def publish(out: str, title: str, blocks, metrics: dict) -> Path:
 @dataclass(frozen=True)
 class Tuned:
     name: str
-    params: dict            # plain arrays (LoRA merged)
+    params: dict | None     # plain arrays (LoRA merged); None if the run diverged
     adapted: dict | None    # params with LoraWeight leaves (LoRA only)
     log: list               # per-step metrics
     trainable: int          # trainable parameter count
     lr: float               # peak learning rate
+    diverged: dict | None = None  # {"step", "loss", "grad_norm"} of the first non-finite step, if any
 
 
 def finetune(name: str, base: dict, dataset: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig,
-             lora_cfg: lora.LoraConfig | None = None, stop_below: float | None = None) -> Tuned:
-    """Full fine-tuning (lora_cfg None) or LoRA; the base is never modified."""
+             lora_cfg: lora.LoraConfig | None = None, stop_below: float | None = None, watch: dict | None = None,
+             watch_every: int = 0) -> Tuned:
+    """Full fine-tuning (lora_cfg None) or LoRA; the base is never modified. `watch`: see `fit`.
+
+    A diverged run comes back marked (`diverged` set, params and adapted None, its log up to the failure)
+    instead of raising, so that a sweep over learning rates goes on."""
     if lora_cfg is None:
         trainable, frozen = partition(base, lambda n: True)
-        trainable, log = fit(trainable, frozen, dataset, model_cfg, train_cfg, f"fine-tune {name}",
-                             stop_below=stop_below)
-        return Tuned(name, combine(trainable, frozen), None, log, size(trainable), train_cfg.lr)
-    adapted = lora.attach(base, lora_cfg, key=jax.random.key(train_cfg.seed + 2))
-    trainable, frozen = lora.split(adapted, lora_cfg)
-    n = size(trainable)
-    trainable, log = fit(trainable, frozen, dataset, model_cfg, train_cfg, f"fine-tune {name}", lora.loss_fn,
-                         stop_below)
+        n, loss = size(trainable), train.loss_fn
+    else:
+        adapted = lora.attach(base, lora_cfg, key=jax.random.key(train_cfg.seed + 2))
+        trainable, frozen = lora.split(adapted, lora_cfg)
+        n, loss = size(trainable), lora.loss_fn
+    try:
+        trainable, log = fit(trainable, frozen, dataset, model_cfg, train_cfg, f"fine-tune {name}", loss,
+                             stop_below, watch, watch_every)
+    except train.Diverged as e:  # its last weights were overwritten in place by the failed step: none to keep
+        return Tuned(name, None, None, e.log, n, train_cfg.lr, {"step": e.step, "loss": e.loss,
+                                                                 "grad_norm": e.grad_norm})
+    if lora_cfg is None:
+        return Tuned(name, combine(trainable, frozen), None, log, n, train_cfg.lr)
     adapted = lora.fill_shared_a(combine(trainable, frozen))  # a shared A (fuse_qkv) back in every matrix
     return Tuned(name, lora.merge(adapted), adapted, log, n, train_cfg.lr)
 
@@ -185,3 +210,10 @@ def fmt(x, digits: int = 3) -> str:
 def stack(measured: list[dict]) -> dict[str, dict[str, list[float]]]:
     """Per-seed {measurement: {model: value}} -> {measurement: {model: [value per seed]}}."""
     return {k: {n: [one[k][n] for one in measured] for n in measured[0][k]} for k in measured[0]}
+
+
+def fixed_windows(dataset: Dataset, model_cfg: ModelConfig, batches: int = 16, seed: int = 123):
+    """The held-out windows `eval_loss` reads, (A, B, T + 1), for `fit`'s `watch`: the same for every run."""
+    from minilm.data import batches as windows_of
+    return windows_of(jax.numpy.asarray(dataset.val), jax.random.key(seed), 0, count=batches, batch_size=16,
+                      context=model_cfg.context)
