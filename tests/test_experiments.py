@@ -80,7 +80,7 @@ def test_01_constructed_numbers_decide_what_they_should(exp01):
     # LoRA with a far lower fine-tuning loss than full fine-tuning: "learns less" false for every adapter
     for n in names:
         if metrics["adapters_of"][n]:
-            per_seed["finetune_loss"][n] = list(np.subtract(per_seed["finetune_loss"]["full"], [0.5, 0.5000001]))
+            per_seed["lowest_loss"][n] = list(np.subtract(per_seed["lowest_loss"]["full"], [0.5, 0.5000001]))
     learns = {k: v for k, v in findings_of(judge(module, metrics, per_seed), 9).items() if "learns less" in k}
     assert learns and set(learns.values()) == {"false"}
 
@@ -105,3 +105,23 @@ def test_01_binding_effect_is_pairs_minus_controls_of_one_kind(exp01):
     assert [corpora.PAIRS[:2], corpora.PAIRS[2:]] == [corpora.BOUND["co-occur"], corpora.BOUND["substitute"]]
     assert module.binding_effect(part, "co-occur") == pytest.approx(0.25)
     assert module.binding_effect(part, "substitute") == pytest.approx(-0.05 - 0.1)
+
+
+def test_01_learning_and_forgetting_follow_from_the_curves(exp01):
+    from minilm.analysis import tradeoff
+    _, _, metrics = exp01
+    names, per_seed = metrics["models"], metrics["per_seed"]
+    assert len(metrics["curves"]) == 2
+    for i, curves in enumerate(metrics["curves"]):
+        assert set(curves) == set(names)
+        lowest = {n: min(loss for loss, _ in curves[n]) for n in names}  # the lowest point of each curve
+        assert {n: per_seed["lowest_loss"][n][i] for n in names} == pytest.approx(lowest)
+        matched = max(lowest.values())
+        assert per_seed["matched_loss"]["base"][i] == pytest.approx(matched)
+        for n in names:
+            points = curves[n]
+            j = next(j for j, (loss, _) in enumerate(points) if loss <= matched)  # first reached
+            (l0, f0), (l1, f1) = points[max(j - 1, 0)], points[j]
+            want = f1 if j == 0 or l0 == l1 else f0 + (f1 - f0) * (l0 - matched) / (l0 - l1)
+            assert per_seed["matched_forgetting"][n][i] == pytest.approx(want)
+            assert tradeoff.forgetting_at(points, matched) == pytest.approx(want)
