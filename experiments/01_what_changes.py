@@ -102,6 +102,13 @@ def run_seed(seed: int, quick: bool):
     return result, negative, losses
 
 
+def seed_numbers(seed: int, quick: bool, shown: int):
+    """One seed's measured numbers and curves, and its whole comparison if it is the `shown` seed."""
+    result, negative, losses = run_seed(seed, quick)
+    curves = {m: one["curve"] for m, one in losses.items() if "curve" in one}
+    return measure(result, negative, losses), curves, (result, losses) if seed == shown else None
+
+
 def mean_abs_cos_change(before, after) -> float:
     b, a = np.asarray(before, float), np.asarray(after, float)
     off = ~np.eye(len(b), dtype=bool)
@@ -375,14 +382,11 @@ def main(argv=None) -> int:
     args = common.parser(__doc__.splitlines()[0], "runs/01_what_changes", seeds=True).parse_args(argv)
     started = time.perf_counter()
     seed_list = common.seed_list(args)
-    measured, curves, shown = [], [], None
-    for i, seed in enumerate(seed_list):
-        print(f"seed {seed} ({i + 1} of {len(seed_list)})", flush=True)
-        result, negative, losses = run_seed(seed, args.quick)
-        measured.append(measure(result, negative, losses))
-        curves.append({m: one["curve"] for m, one in losses.items() if "curve" in one})
-        shown = shown or (result, losses)  # the first seed's comparison is the one the figures show in detail
-    result, losses = shown
+    print(f"{len(seed_list)} seeds ({', '.join(map(str, seed_list))}) in {min(args.workers, len(seed_list))} "
+          "process(es)", flush=True)
+    numbers = common.over_seeds(seed_numbers, seed_list, args.quick, seed_list[0], workers=args.workers)
+    measured, curves = [n[0] for n in numbers], [n[1] for n in numbers]
+    result, losses = numbers[0][2]  # the first seed's comparison is the one the figures show in detail
     names = result["models"]
     lora_names = [n for n in names if result["adapters_of"][n]]
     per_seed = common.stack(measured)

@@ -36,6 +36,8 @@ def parser(description: str, default_out: str, *, seeds: bool = False) -> argpar
                        help="how many seeds (N: --seed, --seed+1, ...) or which (a comma list: 3,7,11); "
                             "each is the whole pipeline: its own base, fine-tunes and data. Default 5, "
                             "2 with --quick")
+        p.add_argument("--workers", type=_workers_flag, default=1,
+                       help="run the seeds in this many processes (default 1); each compiles its programs once")
     p.add_argument("--out", default=default_out, help=f"report folder (default: {default_out})")
     return p
 
@@ -48,6 +50,18 @@ def _seeds_flag(text: str) -> int | list[int]:
     if "," not in text and values[0] < 1 or any(v < 0 for v in values) or len(set(values)) != len(values):
         raise argparse.ArgumentTypeError(f"{text!r}: give a count >= 1 or distinct seeds >= 0 (e.g. 3,7,11)")
     return values if "," in text else values[0]
+
+
+def _workers_flag(text: str) -> int:
+    import os
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= (os.cpu_count() or 1):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of processes from 1 to this machine's "
+                                         f"{os.cpu_count()} cores")
+    return value
 
 
 def seed_list(args) -> list[int]:
@@ -217,3 +231,52 @@ def fixed_windows(dataset: Dataset, model_cfg: ModelConfig, batches: int = 16, s
     from minilm.data import batches as windows_of
     return windows_of(jax.numpy.asarray(dataset.val), jax.random.key(seed), 0, count=batches, batch_size=16,
                       context=model_cfg.context)
+
+
+def over_seeds(fn, seeds: list[int], *args, workers: int = 1, label: str = "seeds") -> list:
+    """[fn(seed, *args) for seed in seeds], in seed order; with `workers` > 1, in that many processes.
+
+    A seed is a whole pipeline, independent of every other, and on the tiny model XLA keeps only about
+    one and a half of two cores busy (small products, one after another), so seeds in two processes use
+    the machine better than one. Each process compiles its programs once and runs its seeds in turn; a
+    seed's numbers are the same bit for bit whichever process runs it (tests/test_over_seeds.py). `fn` is
+    found in the child by its file and name, so an experiment loaded from a path works too.
+    """
+    if workers <= 1 or len(seeds) <= 1:
+        return [fn(seed, *args) for seed in seeds]
+    import concurrent.futures
+    import multiprocessing
+    import os
+    import sys
+    script = sys.modules[fn.__module__].__file__
+    saved = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # the children's per-step bars would overwrite each other; this one counts seeds
+    try:
+        with concurrent.futures.ProcessPoolExecutor(min(workers, len(seeds)),
+                                                    mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_call, script, fn.__name__, seed, args): i for i, seed in enumerate(seeds)}
+            out = [None] * len(seeds)
+            with tqdm(total=len(seeds), desc=label, unit="seed") as bar:
+                for done in concurrent.futures.as_completed(futures):
+                    out[futures[done]] = done.result()
+                    bar.update(1)
+            return out
+    finally:
+        if saved is None:
+            del os.environ["TQDM_DISABLE"]
+        else:
+            os.environ["TQDM_DISABLE"] = saved
+
+
+_LOADED: dict = {}
+
+
+def _call(script: str, name: str, seed: int, args: tuple):
+    """In a child process: load `script` (once) and call its function `name`."""
+    import importlib.util
+    if script not in _LOADED:
+        spec = importlib.util.spec_from_file_location(f"_seeds_{len(_LOADED)}", script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _LOADED[script] = module
+    return getattr(_LOADED[script], name)(seed, *args)
