@@ -27,7 +27,7 @@ its budget (the matched loss is, by its rule, the lowest loss the weakest method
 A diverged run (train.Diverged) is marked, shown in the report and left out of the curves.
 Per-seed values, means, 95% t intervals and Holm's correction over the report: minilm/analysis/seeds.py.
 
-    python experiments/07_learning_vs_forgetting.py             # 3 seeds, 5 CPU-minutes (7 wall at load ~5)
+    python experiments/07_learning_vs_forgetting.py             # 3 seeds, ~5 minutes on 2 CPU cores (290 s measured)
     python experiments/07_learning_vs_forgetting.py --seeds 5   # more seeds: more power
     python experiments/07_learning_vs_forgetting.py --quick     # seconds: the pipeline end to end, 2 seeds
 """
