@@ -7,9 +7,11 @@ call. The single-model code is wrapped, not rewritten: the step is `train.make_s
 drawn by `data.batches` from each seed's own key and cursor, so seed s sees exactly the data order that
 `train.run` would give it alone, and gets the same losses (tests/test_seeds_batch.py says how exactly).
 
-Measured (benchmarks/README.md, "Seeds as a batch axis"): on 2 CPU cores the tiny preset gains nothing
-from it: a batched step costs about what S single steps cost, because one tiny step already keeps
-both cores busy with GEMMs large enough for them. It is here for the design, the test and that answer.
+Measured (benchmarks/README.md, "Seeds as a batch axis"): on the 2-core CPU the tiny preset gains
+nothing from it: at S = 2 and 5 a batched step costs what S single steps cost (0.99-1.05x per seed), and
+at S = 1 it is ~1.2x slower. So the experiments train seeds one after another (DECISIONS.md); this module
+is the design, its exactness test and that measured answer. Batched seeds are not bit-identical to solo
+runs, only equal to float32 rounding (tests/test_seeds_batch.py): the products sum in another order.
 
 Axis vocabulary: S seeds, A micro-batches, B batch, T positions.
 """
