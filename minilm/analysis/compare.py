@@ -299,7 +299,7 @@ def _verdict_sentences(runs: list[dict], model: str, seeds_result: dict) -> list
             continue
         if n == 1:
             lines.append(f"{what[key][0].upper() + what[key][1:]}: {values[key][0]:+.3f} (threshold {threshold:g}); "
-                         "one seed settles nothing: compare several seeds (--seed-run) for a verdict.")
+                         "one seed settles nothing: a verdict needs several seeds.")
             continue
         row = rows[text]
         yes, no, unsure = words[key]

@@ -150,4 +150,6 @@ def run(args) -> int:
                                                 + (f", {len(groups)} seeds" if len(groups) > 1 else ""))
         bar.update(bar.total - bar.n)
     print(f"report: {page}\nmetrics: {out / 'metrics.json'}")
+    if len(groups) == 1:
+        print("one seed: the report gives numbers, no verdicts; add each further seed as --seed-run BASE TUNED...")
     return 0
