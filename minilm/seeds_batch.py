@@ -68,8 +68,9 @@ def make_eval(model_cfg: ModelConfig, loss=train.loss_fn):
     return jax.jit(jax.vmap(train.make_eval(model_cfg, loss)))
 
 
-def _per_seed(fn, keys):
-    return jax.vmap(fn)(keys)  # a key derivation of TrainState, applied to each seed's key
+# fold_in(key, n) for each seed's key (S,) and one n: TrainState's key derivations, per seed. Compiled once
+# rather than re-traced at every step.
+_fold_in = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
 
 
 def run(state: train.TrainState, datasets: Sequence[data_lib.Dataset], model_cfg: ModelConfig,
@@ -93,16 +94,14 @@ def run(state: train.TrainState, datasets: Sequence[data_lib.Dataset], model_cfg
     A, B, T = train_cfg.grad_accum, train_cfg.batch_size, model_cfg.context
     train_ids = [jnp.asarray(d.train) for d in datasets]
     # The same keys TrainState derives for one seed (fold_in 0: batches, 1: evaluation, 2: noise).
-    data_keys = _per_seed(lambda k: jax.random.fold_in(k, 0), state.key)
-    eval_keys = _per_seed(lambda k: jax.random.fold_in(k, 1), state.key)
-    noise_keys = _per_seed(lambda k: jax.random.fold_in(k, 2), state.key)
+    data_keys, eval_keys, noise_keys = (_fold_in(state.key, n) for n in range(3))
     eval_windows = jnp.stack([data_lib.batches(jnp.asarray(d.val), eval_keys[s], 0, count=train_cfg.eval_batches,
                                                batch_size=B, context=T) for s, d in enumerate(datasets)])
     while state.step < train_cfg.steps:
         # Each seed's windows exactly as train.run draws them: (S, A, B, T + 1).
         windows = jnp.stack([data_lib.batches(ids, data_keys[s], state.data_cursor, count=A, batch_size=B,
                                               context=T) for s, ids in enumerate(train_ids)])
-        step_keys = _per_seed(lambda k: jax.random.fold_in(k, state.step), noise_keys)
+        step_keys = _fold_in(noise_keys, state.step)  # TrainState.step_key, per seed
         started = time.perf_counter()
         trainable, opt_state, out = step_fn(state.trainable, state.frozen, state.opt_state, windows, step_keys)
         metrics = {"step": state.step + 1, "loss": [float(x) for x in out["loss"]],
