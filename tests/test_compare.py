@@ -177,6 +177,9 @@ def test_seed_runs_must_match_the_first_group(seed_runs, runs, tmp_path, capsys)
     code = main(["compare", *first, "--seed-run", *second[:2], "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert code == 2 and "1 tuned model(s), but BASE is followed by 2" in err and "Traceback" not in err
+    code = main(["compare", *first, "--seed-run", second[0], second[2], second[1], "--out", str(tmp_path / "z")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--seed-run {second[2]}: a LoRA adapter, but the first group has a checkpoint" in err
     other = tmp_path / "other"
     assert main(["train", "--corpus", "associations", *WORDS[:-8], "--width", "24", "--layers", "2", "--heads", "2",
                  "--steps", "1", "--out", str(other)]) == 0

@@ -89,7 +89,11 @@ def _groups(args) -> list[list[str]]:
 
 
 def _compare_seed(base_path, tuned_paths, args, first, progress):
-    """One seed's `compare` result: its base, its tuned models, a probe from its own corpus."""
+    """One seed's `compare` result: its base, its tuned models, a probe from its own corpus.
+
+    `first`: the first seed's (base checkpoint, kinds), None for the first seed itself; a later seed must
+    match its shape and vocabulary, and have a LoRA adapter where the first has one (models match by
+    position). Returns (base, kinds, result); kinds[i] says whether tuned model i is an adapter."""
     from minilm import checkpoint
     from minilm.analysis.compare import Model, check_comparable, compare, make_probe
     from minilm.cli.flags import refuse_adapter
@@ -99,9 +103,15 @@ def _compare_seed(base_path, tuned_paths, args, first, progress):
     refuse_adapter(base_path, flag, "give the model before fine-tuning first, then the adapter as a TUNED model")
     base = checkpoint.load(base_path)
     if first is not None:  # another seed of the same experiment: same shape, same vocabulary
-        check_comparable(first.model_cfg, first.tokenizer, base.model_cfg, base.tokenizer, flag)
+        check_comparable(first[0].model_cfg, first[0].tokenizer, base.model_cfg, base.tokenizer, flag)
     used: set = set()
     tuned = [load_tuned(p, base, used, args.allow_other_base) for p in tuned_paths]
+    kinds = [bool(m.adapters) for m in tuned]
+    for path, kind, first_kind in zip(tuned_paths, kinds, first[1] if first else kinds):
+        if kind != first_kind:
+            what = {True: "a LoRA adapter", False: "a checkpoint"}
+            raise MinilmError(f"--seed-run {path}: {what[kind]}, but the first group has {what[first_kind]} in its "
+                              "place; tuned models match by position: give them in the same order in every group")
     corpus = None
     if base.data_cfg.corpus is not None and not args.no_corpus_probe:
         corpus = load_corpus(base.data_cfg.corpus, seed=base.train_cfg.seed, size=base.data_cfg.corpus_size)
@@ -111,7 +121,7 @@ def _compare_seed(base_path, tuned_paths, args, first, progress):
         print(f"not in the vocabulary, skipped: {', '.join(probe.missing)}", file=sys.stderr)
     result = compare(Model("base", base.params), tuned, probe, base.tokenizer, base.model_cfg,
                      k=args.top_k, epsilon=args.epsilon, progress=progress)
-    return base, result
+    return base, kinds, result
 
 
 def run(args) -> int:
@@ -135,8 +145,8 @@ def run(args) -> int:
             bar.update(1)
 
         for group in groups:
-            base, result = _compare_seed(group[0], group[1:], args, first, progress)
-            first = first or base
+            base, kinds, result = _compare_seed(group[0], group[1:], args, first, progress)
+            first = first or (base, kinds)
             results.append(result)
             base_seeds.append(base.train_cfg.seed)
         result = results[0]
@@ -145,7 +155,7 @@ def run(args) -> int:
         result["seeds"] = {"runs": [{"base": str(g[0]), "tuned": [str(p) for p in g[1:]], "base_seed": seed}
                                     for g, seed in zip(groups, base_seeds)], **over_seeds(results)}
         bar.set_postfix_str("report")
-        page = report.write(out, result, title=f"What changed: {first.path.parent.name} -> "
+        page = report.write(out, result, title=f"What changed: {first[0].path.parent.name} -> "
                                                 f"{', '.join(result['models'])}"
                                                 + (f", {len(groups)} seeds" if len(groups) > 1 else ""))
         bar.update(bar.total - bar.n)
