@@ -63,7 +63,7 @@ def load_tuned(path: Path, base, used: set, allow_other_base: bool = False):
     from minilm.analysis.compare import Model, check_comparable
 
     path = Path(path)
-    adapter_dir = next((p for p in (path, path / "adapter") if (p / "adapter_config.json").is_file()), None)
+    adapter_dir = _adapter_dir(path)
     name = path.name if path.name not in ("checkpoint", "adapter") else path.parent.name
     while name in used or name == "base":
         name += "'"
@@ -88,40 +88,51 @@ def _groups(args) -> list[list[str]]:
     return groups
 
 
-def _compare_seed(base_path, tuned_paths, args, first, progress):
-    """One seed's `compare` result: its base, its tuned models, a probe from its own corpus.
+def _adapter_dir(path: Path) -> Path | None:
+    """The adapter folder of a TUNED argument (the folder itself or its adapter/), or None: a checkpoint."""
+    return next((p for p in (path, path / "adapter") if (p / "adapter_config.json").is_file()), None)
 
-    `first`: the first seed's (base checkpoint, kinds), None for the first seed itself; a later seed must
-    match its shape and vocabulary, and have a LoRA adapter where the first has one (models match by
-    position). Returns (base, kinds, result); kinds[i] says whether tuned model i is an adapter."""
+
+def _load_bases(groups: list[list[str]]) -> list:
+    """Every seed's base checkpoint, checked before any work: same shape and vocabulary as the first, and a
+    LoRA adapter at the same positions as the first group (tuned models match by position)."""
     from minilm import checkpoint
-    from minilm.analysis.compare import Model, check_comparable, compare, make_probe
+    from minilm.analysis.compare import check_comparable
     from minilm.cli.flags import refuse_adapter
+
+    bases, first_kinds = [], None
+    for group in groups:
+        flag = "BASE" if not bases else f"--seed-run base {group[0]}"
+        refuse_adapter(group[0], flag, "give the model before fine-tuning first, then the adapter as a TUNED model")
+        base = checkpoint.load(group[0])
+        if bases:
+            check_comparable(bases[0].model_cfg, bases[0].tokenizer, base.model_cfg, base.tokenizer, flag)
+        kinds = [_adapter_dir(Path(p)) is not None for p in group[1:]]
+        first_kinds = first_kinds or kinds
+        for path, kind, first_kind in zip(group[1:], kinds, first_kinds):
+            if kind != first_kind:
+                what = {True: "a LoRA adapter", False: "a checkpoint"}
+                raise MinilmError(f"--seed-run {path}: {what[kind]}, but the first group has {what[first_kind]} "
+                                  "in its place; tuned models match by position: give them in the same order in "
+                                  "every group")
+        bases.append(base)
+    return bases
+
+
+def _compare_seed(base, tuned, args, first: bool, progress):
+    """One seed's `compare` result: its base, its tuned models, a probe from its own corpus."""
+    from minilm.analysis.compare import Model, compare, make_probe
     from minilm.corpora import load_corpus
 
-    flag = "BASE" if first is None else f"--seed-run base {base_path}"
-    refuse_adapter(base_path, flag, "give the model before fine-tuning first, then the adapter as a TUNED model")
-    base = checkpoint.load(base_path)
-    if first is not None:  # another seed of the same experiment: same shape, same vocabulary
-        check_comparable(first[0].model_cfg, first[0].tokenizer, base.model_cfg, base.tokenizer, flag)
-    used: set = set()
-    tuned = [load_tuned(p, base, used, args.allow_other_base) for p in tuned_paths]
-    kinds = [bool(m.adapters) for m in tuned]
-    for path, kind, first_kind in zip(tuned_paths, kinds, first[1] if first else kinds):
-        if kind != first_kind:
-            what = {True: "a LoRA adapter", False: "a checkpoint"}
-            raise MinilmError(f"--seed-run {path}: {what[kind]}, but the first group has {what[first_kind]} in its "
-                              "place; tuned models match by position: give them in the same order in every group")
     corpus = None
     if base.data_cfg.corpus is not None and not args.no_corpus_probe:
         corpus = load_corpus(base.data_cfg.corpus, seed=base.train_cfg.seed, size=base.data_cfg.corpus_size)
     words = [w for w in (args.words or "").split(",") if w]
     probe = make_probe(base.tokenizer, base.model_cfg, corpus=corpus, words=words, sentences=args.probe or ())
-    if probe.missing and first is None:
+    if probe.missing and first:
         print(f"not in the vocabulary, skipped: {', '.join(probe.missing)}", file=sys.stderr)
-    result = compare(Model("base", base.params), tuned, probe, base.tokenizer, base.model_cfg,
-                     k=args.top_k, epsilon=args.epsilon, progress=progress)
-    return base, kinds, result
+    return compare(Model("base", base.params), tuned, probe, base.tokenizer, base.model_cfg,
+                   k=args.top_k, epsilon=args.epsilon, progress=progress)
 
 
 def run(args) -> int:
@@ -135,27 +146,29 @@ def run(args) -> int:
     if not 0 < args.epsilon <= 1:  # also refuses nan
         raise MinilmError(f"--epsilon {args.epsilon}: expected a |cosine| threshold in (0, 1], e.g. --epsilon 0.5")
     groups = _groups(args)
+    bases = _load_bases(groups)
     out = folders.check_output(args.out, "report", overwrite=args.overwrite,
                                inputs=[p for group in groups for p in group])
+    # Every model is loaded and checked before any work, so a bad one is one line and costs nothing.
+    tuned = [[load_tuned(p, base, used, args.allow_other_base) for used in [set()] for p in group[1:]]
+             for group, base in zip(groups, bases)]
     steps = len(groups) * (2 * len(args.tuned) + len(args.tuned) ** 2) + 1  # adapter pairs at most
-    first, results, base_seeds = None, [], []
+    results = []
     with tqdm(total=steps, desc="compare", unit="part") as bar:
         def progress(what):
             bar.set_postfix_str(what)
             bar.update(1)
 
-        for group in groups:
-            base, kinds, result = _compare_seed(group[0], group[1:], args, first, progress)
-            first = first or (base, kinds)
-            results.append(result)
-            base_seeds.append(base.train_cfg.seed)
+        for i, (base, models) in enumerate(zip(bases, tuned)):
+            results.append(_compare_seed(base, models, args, i == 0, progress))
         result = results[0]
         # The verdicts over every seed; names are the first group's (tuned models match by position).
         result["summary"] = summarise(result, results)
-        result["seeds"] = {"runs": [{"base": str(g[0]), "tuned": [str(p) for p in g[1:]], "base_seed": seed}
-                                    for g, seed in zip(groups, base_seeds)], **over_seeds(results)}
+        result["seeds"] = {"runs": [{"base": str(g[0]), "tuned": [str(p) for p in g[1:]],
+                                     "base_seed": base.train_cfg.seed} for g, base in zip(groups, bases)],
+                           **over_seeds(results)}
         bar.set_postfix_str("report")
-        page = report.write(out, result, title=f"What changed: {first[0].path.parent.name} -> "
+        page = report.write(out, result, title=f"What changed: {bases[0].path.parent.name} -> "
                                                 f"{', '.join(result['models'])}"
                                                 + (f", {len(groups)} seeds" if len(groups) > 1 else ""))
         bar.update(bar.total - bar.n)
