@@ -119,9 +119,9 @@ def _load_bases(groups: list[list[str]]) -> list:
     return bases
 
 
-def _compare_seed(base, tuned, args, first: bool, progress):
-    """One seed's `compare` result: its base, its tuned models, a probe from its own corpus."""
-    from minilm.analysis.compare import Model, compare, make_probe
+def _probe(base, args, first: bool):
+    """One seed's probe set: its base corpus's words, groups, pairs and text, plus --probe and --words."""
+    from minilm.analysis.compare import make_probe
     from minilm.corpora import load_corpus
 
     corpus = None
@@ -131,15 +131,14 @@ def _compare_seed(base, tuned, args, first: bool, progress):
     probe = make_probe(base.tokenizer, base.model_cfg, corpus=corpus, words=words, sentences=args.probe or ())
     if probe.missing and first:
         print(f"not in the vocabulary, skipped: {', '.join(probe.missing)}", file=sys.stderr)
-    return compare(Model("base", base.params), tuned, probe, base.tokenizer, base.model_cfg,
-                   k=args.top_k, epsilon=args.epsilon, progress=progress)
+    return probe
 
 
 def run(args) -> int:
     from tqdm import tqdm
 
     from minilm import folders, report
-    from minilm.analysis.compare import over_seeds, summarise
+    from minilm.analysis.compare import Model, compare, over_seeds, summarise
 
     if args.top_k < 1:
         raise MinilmError(f"--top-k {args.top_k}: expected a whole number >= 1, e.g. --top-k 10")
@@ -152,6 +151,7 @@ def run(args) -> int:
     # Every model is loaded and checked before any work, so a bad one is one line and costs nothing.
     tuned = [[load_tuned(p, base, used, args.allow_other_base) for used in [set()] for p in group[1:]]
              for group, base in zip(groups, bases)]
+    probes = [_probe(base, args, i == 0) for i, base in enumerate(bases)]  # each seed's own corpus
     steps = len(groups) * (2 * len(args.tuned) + len(args.tuned) ** 2) + 1  # adapter pairs at most
     results = []
     with tqdm(total=steps, desc="compare", unit="part") as bar:
@@ -159,8 +159,9 @@ def run(args) -> int:
             bar.set_postfix_str(what)
             bar.update(1)
 
-        for i, (base, models) in enumerate(zip(bases, tuned)):
-            results.append(_compare_seed(base, models, args, i == 0, progress))
+        for base, models, probe in zip(bases, tuned, probes):
+            results.append(compare(Model("base", base.params), models, probe, base.tokenizer, base.model_cfg,
+                                   k=args.top_k, epsilon=args.epsilon, progress=progress))
         result = results[0]
         # The verdicts over every seed; names are the first group's (tuned models match by position).
         result["summary"] = summarise(result, results)
