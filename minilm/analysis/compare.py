@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from minilm.analysis import attention as attention_lib
-from minilm.analysis import geometry, lens, weights
+from minilm.analysis import geometry, lens, seeds, weights
 from minilm.config import ModelConfig
 from minilm.corpora import Corpus
 from minilm.errors import MinilmError
@@ -234,15 +234,90 @@ def compare(base: Model, tuned: list[Model], probe: Probe, tokenizer: Tokenizer,
     return result
 
 
-# ---------------------------------------------------------------- the plain-language summary
+# ---------------------------------------------------------------- the plain-language summary, over seeds
+
+# The two sentences that are verdicts, each a claim with a threshold fixed here, before any run:
+# (key, claim text, threshold, the claim holds when the mean is above it)
+LOW_RANK = ("rank_fraction", "the change is low-rank: the median changed matrix needs under 25% of its full rank "
+            "for 90% of ||ΔW||²", 0.25, False)
+CLOSER = ("pairs_minus_controls", "bound pairs move closer than control pairs at the last layer: their mean cosine "
+          "change minus the controls' is above 0", 0.0, True)
 
 
 def _mean_cos(rows) -> float:
     return float(np.mean([r["cosine"] for r in rows])) if rows else float("nan")
 
 
-def summarise(result: dict) -> dict[str, list[str]]:
-    """Per tuned model, a few sentences computed from the numbers (nothing here is hard-coded)."""
+def verdict_numbers(result: dict, model: str) -> dict[str, float]:
+    """The numbers one run gives the verdict sentences for `model`: the median changed matrix's 90%-energy
+    rank as a fraction of its full rank, and (bound pairs' − controls' mean cosine change) at the last
+    layer; a key is missing when the run has no such number (no matrix changed, no bound pairs)."""
+    out = {}
+    changed = [r for r in result["weights"][model].values() if "energy_rank_delta" in r and r["fro"] > 0]
+    if changed:
+        out["rank_fraction"] = float(np.median([r["energy_rank_delta"] / min(r["shape"]) for r in changed]))
+    last = result["vectors"][model]["contextual"][-1]
+    if last["base"]["pairs"] and last["base"]["controls"]:
+        d_pairs = _mean_cos(last["tuned"]["pairs"]) - _mean_cos(last["base"]["pairs"])
+        d_ctrl = _mean_cos(last["tuned"]["controls"]) - _mean_cos(last["base"]["controls"])
+        out["pairs_minus_controls"] = d_pairs - d_ctrl
+    return out
+
+
+def over_seeds(runs: list[dict]) -> dict:
+    """The verdict sentences' numbers per seed and their verdicts (minilm.analysis.seeds: mean, 95% t
+    interval, t-test against the claim's threshold, Holm over every finding of this comparison).
+
+    runs: one `compare` result per seed, the same tuned models in the same order; names are the first
+    run's. Returns {"values": {model: {key: [per seed]}}, "claims": seeds.judge's output}."""
+    names = runs[0]["models"]
+    values = {}
+    for i, model in enumerate(names):
+        per_run = [verdict_numbers(r, r["models"][i]) for r in runs]
+        values[model] = {key: [n[key] for n in per_run] for key in per_run[0] if all(key in n for n in per_run)}
+    claims = [{"claim": text, "findings": [seeds.finding(model, values[model][key], threshold, above=above)
+                                           for model in names if key in values[model]]}
+              for key, text, threshold, above in (LOW_RANK, CLOSER)]
+    claims = [c for c in claims if c["findings"]]
+    return {"values": values, "claims": seeds.judge(claims) if len(runs) > 1 else []}
+
+
+def _verdict_sentences(runs: list[dict], model: str, seeds_result: dict) -> list[str]:
+    """The low-rank and closer-than sentences: with one seed the numbers and that one seed settles nothing;
+    with several the mean, its interval and the verdict, or "not settled by N seeds"."""
+    n, values, lines = len(runs), seeds_result["values"][model], []
+    rows = {c["claim"]: next((r for r in c["findings"] if r["label"] == model), None) for c in seeds_result["claims"]}
+    words = {"rank_fraction": ("the change is low-rank", "the change is spread over many directions",
+                               "whether the change is low-rank (median matrix under 25% of its full rank)"),
+             "pairs_minus_controls": ("bound pairs moved closer than the controls",
+                                      "bound pairs moved less close than the controls",
+                                      "whether bound pairs move closer than the controls")}
+    what = {"rank_fraction": "the median changed matrix's 90%-energy rank, as a share of its full rank",
+            "pairs_minus_controls": "bound pairs' mean cosine change minus the controls' at the last layer"}
+    for key, text, threshold, _ in (LOW_RANK, CLOSER):
+        if key not in values:
+            continue
+        if n == 1:
+            lines.append(f"{what[key][0].upper() + what[key][1:]}: {values[key][0]:+.3f} (threshold {threshold:g}); "
+                         "one seed settles nothing: a verdict needs several seeds.")
+            continue
+        row = rows[text]
+        yes, no, unsure = words[key]
+        said = {"true": yes, "false": no}.get(row["verdict"], f"{unsure} is {row['verdict']}")
+        lines.append(f"Over {n} seeds, {what[key]}: {row['mean']:+.3g} [{row['low']:+.3g}, {row['high']:+.3g}] "
+                     f"(mean, 95% t interval; threshold "
+                     f"{threshold:g}, Holm p {row['p_holm']:.2g}): {said}.")
+    return lines
+
+
+def summarise(result: dict, runs: list[dict] | None = None) -> dict[str, list[str]]:
+    """Per tuned model, a few sentences computed from the numbers (nothing here is hard-coded).
+
+    Descriptions (what moved most, intruders, embeddings, silhouette, attention) are `result`'s, one run.
+    The two verdicts (low-rank; bound pairs closer than controls) are judged over `runs`, one `compare`
+    result per seed with `result` first (GUIDE.md §6): with one run they print only the numbers."""
+    runs = runs or [result]
+    seeds_result = over_seeds(runs)
     out = {}
     for model in result["models"]:
         lines = []
@@ -257,12 +332,8 @@ def summarise(result: dict) -> dict[str, list[str]]:
             lines.append("Moved most (relative change ||ΔW||/||W0||): " + ", ".join(
                 f"{n} ({100 * changed[n]['relative']:.1f}%)" for n in top)
                 + f". {still} of {len(w)} tensors are exactly unchanged.")
-            fractions = [r["energy_rank_delta"] / min(r["shape"]) for r in changed.values()]
             median_rank = float(np.median([r["energy_rank_delta"] for r in changed.values()]))
-            shape = "low-rank" if np.median(fractions) < 0.25 else "spread over many directions"
-            lines.append(f"The change is {shape}: "
-                         f"the median matrix needs {median_rank:g} directions for 90% of ||ΔW||² "
-                         f"({100 * np.median(fractions):.0f}% of its full rank).")
+            lines.append(f"The median changed matrix needs {median_rank:g} directions for 90% of ||ΔW||².")
             intruders = {n: r["intruder_count"] for n, r in changed.items() if r["intruder_count"]}
             lines.append(f"{sum(intruders.values())} intruder dimension(s) appeared"
                          + (f", in {', '.join(sorted(intruders))}." if intruders else "."))
@@ -275,8 +346,7 @@ def summarise(result: dict) -> dict[str, list[str]]:
             d_pairs = _mean_cos(last["tuned"]["pairs"]) - _mean_cos(last["base"]["pairs"])
             d_ctrl = _mean_cos(last["tuned"]["controls"]) - _mean_cos(last["base"]["controls"])
             lines.append(f"At the last layer, bound pairs' cosine changed by {d_pairs:+.3f} on average, "
-                         f"control pairs' by {d_ctrl:+.3f}: bound pairs moved "
-                         f"{'closer than' if d_pairs > d_ctrl else 'no closer than'} the controls.")
+                         f"control pairs' by {d_ctrl:+.3f}.")
         if "silhouette" in last["base"]:
             lines.append(f"Word-group silhouette at the last layer: {last['base']['silhouette']:.3f} -> "
                          f"{last['tuned']['silhouette']:.3f}.")
@@ -284,5 +354,5 @@ def summarise(result: dict) -> dict[str, list[str]]:
         layer, head = np.unravel_index(np.argmax(js), js.shape)
         lines.append(f"Attention changed most in layer {layer} head {head} (Jensen-Shannon {js.max():.3f} nats; "
                      f"mean over heads {js.mean():.3f}).")
-        out[model] = lines
+        out[model] = lines + _verdict_sentences(runs, model, seeds_result)
     return out

@@ -4,6 +4,12 @@ A tuned model is a checkpoint (full fine-tuning, or a merge) or a LoRA adapter f
 base for the comparison. The analyses are minilm.analysis's; this module loads the models, builds the
 probe (the base corpus's words, groups, pairs and text, plus --probe and --words) and writes
 OUT/report.html, OUT/metrics.json and OUT/figures/ (minilm/report.py).
+
+Several seeds: each `--seed-run BASE TUNED...` is one more seed's base and tuned models, matched by
+position with the first group (BASE TUNED...). Every seed is compared on its own; the sentences that are
+verdicts (the change is low-rank; bound pairs moved closer than the controls) are then judged over the
+seeds (minilm.analysis.seeds: mean, 95% t interval, Holm), and metrics.json keeps their per-seed values
+under "seeds". The rest of the report shows the first seed.
 """
 
 from __future__ import annotations
@@ -19,9 +25,19 @@ def add_parser(commands) -> None:
                             description="Compare BASE with one or more TUNED models (checkpoints, or LoRA adapter "
                                         "folders, merged onto BASE): which weights moved and how, how token and "
                                         "hidden vectors rearranged, where attention now looks. Writes "
-                                        "OUT/report.html, OUT/metrics.json and OUT/figures/.")
+                                        "OUT/report.html, OUT/metrics.json and OUT/figures/. One seed settles "
+                                        "nothing: to judge the report's verdicts (low-rank change; bound pairs "
+                                        "closer than controls) over seeds, add each further seed's base and "
+                                        "tuned models as a --seed-run group.",
+                            epilog="example, three seeds of a full and a LoRA fine-tune: minilm compare "
+                                   "s1/base s1/full s1/lora --seed-run s2/base s2/full s2/lora "
+                                   "--seed-run s3/base s3/full s3/lora --out report")
     p.add_argument("base", metavar="BASE", help="the model before fine-tuning")
     p.add_argument("tuned", metavar="TUNED", nargs="+", help="fine-tuned checkpoints or adapter folders")
+    p.add_argument("--seed-run", metavar=("BASE", "TUNED"), nargs="+", action="append", default=[],
+                   help="another seed's base and tuned models, in the same order as the first group (repeatable); "
+                        "the low-rank and closer-than verdicts are then judged over all seeds with a 95%% "
+                        "interval, or said to be not settled")
     p.add_argument("--out", metavar="DIR", required=True, help="report folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace an --out report an earlier compare wrote")
     p.add_argument("--allow-other-base", action="store_true",
@@ -47,7 +63,7 @@ def load_tuned(path: Path, base, used: set, allow_other_base: bool = False):
     from minilm.analysis.compare import Model, check_comparable
 
     path = Path(path)
-    adapter_dir = next((p for p in (path, path / "adapter") if (p / "adapter_config.json").is_file()), None)
+    adapter_dir = _adapter_dir(path)
     name = path.name if path.name not in ("checkpoint", "adapter") else path.parent.name
     while name in used or name == "base":
         name += "'"
@@ -62,41 +78,102 @@ def load_tuned(path: Path, base, used: set, allow_other_base: bool = False):
     return Model(name, lora.merge(params), adapters)
 
 
-def run(args) -> int:
-    from tqdm import tqdm
+def _groups(args) -> list[list[str]]:
+    """[BASE, TUNED...] per seed, the positional one first; every group as long as the first."""
+    groups = [[args.base, *args.tuned], *args.seed_run]
+    for group in groups[1:]:
+        if len(group) != len(groups[0]):
+            raise MinilmError(f"--seed-run {' '.join(group)}: {len(group) - 1} tuned model(s), but BASE is followed "
+                              f"by {len(args.tuned)}; give every seed's tuned models, in the same order")
+    return groups
 
-    from minilm import checkpoint, folders, report
+
+def _adapter_dir(path: Path) -> Path | None:
+    """The adapter folder of a TUNED argument (the folder itself or its adapter/), or None: a checkpoint."""
+    return next((p for p in (path, path / "adapter") if (p / "adapter_config.json").is_file()), None)
+
+
+def _load_bases(groups: list[list[str]]) -> list:
+    """Every seed's base checkpoint, checked before any work: same shape and vocabulary as the first, and a
+    LoRA adapter at the same positions as the first group (tuned models match by position)."""
+    from minilm import checkpoint
+    from minilm.analysis.compare import check_comparable
     from minilm.cli.flags import refuse_adapter
-    from minilm.analysis.compare import Model, compare, make_probe
+
+    bases, first_kinds = [], None
+    for group in groups:
+        flag = "BASE" if not bases else f"--seed-run base {group[0]}"
+        refuse_adapter(group[0], flag, "give the model before fine-tuning first, then the adapter as a TUNED model")
+        base = checkpoint.load(group[0])
+        if bases:
+            check_comparable(bases[0].model_cfg, bases[0].tokenizer, base.model_cfg, base.tokenizer, flag)
+        kinds = [_adapter_dir(Path(p)) is not None for p in group[1:]]
+        first_kinds = first_kinds or kinds
+        for path, kind, first_kind in zip(group[1:], kinds, first_kinds):
+            if kind != first_kind:
+                what = {True: "a LoRA adapter", False: "a checkpoint"}
+                raise MinilmError(f"--seed-run {path}: {what[kind]}, but the first group has {what[first_kind]} "
+                                  "in its place; tuned models match by position: give them in the same order in "
+                                  "every group")
+        bases.append(base)
+    return bases
+
+
+def _probe(base, args, first: bool):
+    """One seed's probe set: its base corpus's words, groups, pairs and text, plus --probe and --words."""
+    from minilm.analysis.compare import make_probe
     from minilm.corpora import load_corpus
 
-    if args.top_k < 1:
-        raise MinilmError(f"--top-k {args.top_k}: expected a whole number >= 1, e.g. --top-k 10")
-    if not 0 < args.epsilon <= 1:  # also refuses nan
-        raise MinilmError(f"--epsilon {args.epsilon}: expected a |cosine| threshold in (0, 1], e.g. --epsilon 0.5")
-    refuse_adapter(args.base, "BASE", "give the model before fine-tuning first, then the adapter as a TUNED model")
-    base = checkpoint.load(args.base)
-    out = folders.check_output(args.out, "report", overwrite=args.overwrite, inputs=[args.base, base.path, *args.tuned])
-    used: set = set()
-    tuned = [load_tuned(p, base, used, args.allow_other_base) for p in args.tuned]
     corpus = None
     if base.data_cfg.corpus is not None and not args.no_corpus_probe:
         corpus = load_corpus(base.data_cfg.corpus, seed=base.train_cfg.seed, size=base.data_cfg.corpus_size)
     words = [w for w in (args.words or "").split(",") if w]
     probe = make_probe(base.tokenizer, base.model_cfg, corpus=corpus, words=words, sentences=args.probe or ())
-    if probe.missing:
+    if probe.missing and first:
         print(f"not in the vocabulary, skipped: {', '.join(probe.missing)}", file=sys.stderr)
-    steps = 2 * len(tuned) + len([m for m in tuned if m.adapters]) ** 2 + 1
+    return probe
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from minilm import folders, report
+    from minilm.analysis.compare import Model, compare, over_seeds, summarise
+
+    if args.top_k < 1:
+        raise MinilmError(f"--top-k {args.top_k}: expected a whole number >= 1, e.g. --top-k 10")
+    if not 0 < args.epsilon <= 1:  # also refuses nan
+        raise MinilmError(f"--epsilon {args.epsilon}: expected a |cosine| threshold in (0, 1], e.g. --epsilon 0.5")
+    groups = _groups(args)
+    bases = _load_bases(groups)
+    out = folders.check_output(args.out, "report", overwrite=args.overwrite,
+                               inputs=[p for group in groups for p in group])
+    # Every model is loaded and checked before any work, so a bad one is one line and costs nothing.
+    tuned = [[load_tuned(p, base, used, args.allow_other_base) for used in [set()] for p in group[1:]]
+             for group, base in zip(groups, bases)]
+    probes = [_probe(base, args, i == 0) for i, base in enumerate(bases)]  # each seed's own corpus
+    steps = len(groups) * (2 * len(args.tuned) + len(args.tuned) ** 2) + 1  # adapter pairs at most
+    results = []
     with tqdm(total=steps, desc="compare", unit="part") as bar:
         def progress(what):
             bar.set_postfix_str(what)
             bar.update(1)
 
-        result = compare(Model("base", base.params), tuned, probe, base.tokenizer, base.model_cfg,
-                         k=args.top_k, epsilon=args.epsilon, progress=progress)
+        for base, models, probe in zip(bases, tuned, probes):
+            results.append(compare(Model("base", base.params), models, probe, base.tokenizer, base.model_cfg,
+                                   k=args.top_k, epsilon=args.epsilon, progress=progress))
+        result = results[0]
+        # The verdicts over every seed; names are the first group's (tuned models match by position).
+        result["summary"] = summarise(result, results)
+        result["seeds"] = {"runs": [{"base": str(g[0]), "tuned": [str(p) for p in g[1:]],
+                                     "base_seed": base.train_cfg.seed} for g, base in zip(groups, bases)],
+                           **over_seeds(results)}
         bar.set_postfix_str("report")
-        page = report.write(out, result, title=f"What changed: {base.path.parent.name} -> "
-                                                f"{', '.join(m.name for m in tuned)}")
+        page = report.write(out, result, title=f"What changed: {bases[0].path.parent.name} -> "
+                                                f"{', '.join(result['models'])}"
+                                                + (f", {len(groups)} seeds" if len(groups) > 1 else ""))
         bar.update(bar.total - bar.n)
     print(f"report: {page}\nmetrics: {out / 'metrics.json'}")
+    if len(groups) == 1:
+        print("one seed: the report gives numbers, no verdicts; add each further seed as --seed-run BASE TUNED...")
     return 0
