@@ -202,13 +202,17 @@ def induction_halves(tokens: np.ndarray, newline: int) -> np.ndarray:
     return halves
 
 
-def induction_in(vocabulary: tuple[str, ...], *, seed: int = 0, size: int = 2000) -> Corpus:
+def induction_in(vocabulary: tuple[str, ...], *, seed: int = 0, size: int = 2000,
+                 words: tuple[str, ...] | None = None) -> Corpus:
     """`induction`'s lines (a span of distinct words, then the same span) over another corpus's words.
 
     A model pretrained on that corpus reads these lines with its own tokenizer: a fine-tuning corpus
-    that asks for copying and nothing new. Every word of `vocabulary` but the separator can appear.
+    that asks for copying and nothing new. The spans are drawn from `words` (default: every word of
+    `vocabulary` but the separator).
     """
-    words = tuple(w for w in vocabulary if w != NEWLINE)
+    words = tuple(w for w in (words or vocabulary) if w != NEWLINE)
+    if not set(words) <= set(vocabulary):
+        raise MinilmError(f"induction_in: words {sorted(set(words) - set(vocabulary))[:5]} are not in the vocabulary")
     if len(words) < SPAN_LENGTHS[1]:
         raise MinilmError(f"induction_in needs at least {SPAN_LENGTHS[1]} words besides the separator for spans "
                           f"of distinct words; got {len(words)}")

@@ -37,7 +37,7 @@ def test_06_numbers_verdicts_and_summary_come_from_the_metrics(exp06):
     names = metrics["variants"]
     recomputed = [module.numbers(run, names) for run in metrics["runs"]]
     assert {k: [r[k] for r in recomputed] for k in recomputed[0]} == metrics["numbers"]
-    assert module.judge(metrics["numbers"], names) == metrics["claims"]
+    assert module.judge(metrics["numbers"], names, metrics["finetune_steps"]) == metrics["claims"]
     assert module.summary(metrics) == metrics["summary"]
 
 
@@ -46,11 +46,11 @@ def test_06_constructed_numbers_decide_what_they_should(exp06):
     names = metrics["variants"]
     numbers = copy.deepcopy(metrics["numbers"])
     numbers["induction_2"], numbers["previous_2"] = [0.9, 0.9000001], [0.8, 0.8000001]
-    assert module.judge(numbers, names)[0]["verdict"] == "true"
+    assert module.judge(numbers, names, metrics["finetune_steps"])[0]["verdict"] == "true"
     numbers["induction_2"] = [0.2, 0.9]  # the seeds disagree: the interval straddles the threshold
-    assert module.judge(numbers, names)[0]["verdict"].startswith("not settled by 2 seeds")
+    assert module.judge(numbers, names, metrics["finetune_steps"])[0]["verdict"].startswith("not settled by 2 seeds")
     numbers["induction_1"], numbers["icl_gap"] = [0.05, 0.0500001], [-1.0, -1.0000001]
-    assert module.judge(numbers, names)[3]["verdict"] == "true for one layer: induction score; false for ICL(1 layer) - ICL(2 layers)"
+    assert module.judge(numbers, names, metrics["finetune_steps"])[3]["verdict"] == "true for one layer: induction score; false for ICL(1 layer) - ICL(2 layers)"
 
 
 def test_06_transition_times_a_step_and_a_ramp():
