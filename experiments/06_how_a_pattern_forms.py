@@ -222,7 +222,9 @@ def judge(per_seed: dict[str, list[float]], names: list[str], finetune_steps: in
          "findings": [f("remove previous-token head", per_seed["drop_previous"], REMOVED),
                       f("remove control head", per_seed["drop_control"], REMOVED, above=False)],
          "note": "If the previous token's identity reaches layer 1 through several heads, removing one leaves the "
-                 "others."},
+                 "others. And the 'control' (the layer-0 head that looks least at the previous token) is not "
+                 "neutral: the induction head's query needs the current token too (Q-composition, Elhage et al. "
+                 "2021), which a layer-0 head attending to itself supplies; the table shows every head's drop."},
         {"claim": f"Fine-tuning can add the circuit to a base pretrained without repeated spans (`associations`): "
                   f"after {finetune_steps} steps of fine-tuning on induction lines over the base's words the best "
                   f"induction score is > {HEAD}; the base's own is < {HEAD}.",
