@@ -19,8 +19,10 @@ visible in the loss, only in models of two or more layers. Here, over seeds:
 
 Every claim is judged over seeds by seeds.judge (95% t interval, Holm over the report's findings,
 "not settled by N seeds" when the interval does not decide), each against a threshold written in its text.
+The default is 3 seeds (--seeds N for more); the budget asked for <= 6 minutes and this does not hold on
+shared cores: formation needs its 3,000 steps at two depths (see `plan`).
 
-    python experiments/06_how_a_pattern_forms.py            # 3 seeds, ~6 minutes on 2 CPU cores
+    python experiments/06_how_a_pattern_forms.py            # 3 seeds: 9 min 12 s on 2 shared cores (load 4-7)
     python experiments/06_how_a_pattern_forms.py --quick    # seconds: the pipeline end to end
 """
 
