@@ -93,6 +93,7 @@ class ModelConfig:
     layers: int = option(2, "number of transformer blocks L")
     heads: int = option(4, "attention heads H per block; width must be divisible by heads")
     mlp_ratio: int = option(4, "MLP hidden width F as a multiple of the model width")
+    mlp: bool = option(True, "give every block an MLP; without, the model is attention-only (Elhage et al. 2021)")
 
     def __post_init__(self):
         check_types(self)

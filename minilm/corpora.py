@@ -252,6 +252,51 @@ def induction_attention(tokens: np.ndarray) -> np.ndarray:
     return attention
 
 
+def induction_halves(tokens: np.ndarray, newline: int) -> np.ndarray:
+    """Which half of an `induction` line each token is in, read from the tokens alone.
+
+    Args: tokens (T,) ids, e.g. a training window that starts and ends anywhere in a line; newline, the
+    id of the line separator.
+    Returns: (T,) int8: 1 in a line's first span, 2 in its repeat (a token already seen in the same line:
+    spans hold distinct symbols, so only the repeat has one), 0 for separators and for the line the
+    window cuts at its start (its first span may lie before the window, so its halves are unknown).
+    """
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1:
+        raise MinilmError(f"induction_halves needs a 1-D sequence of token ids, got shape {tokens.shape}")
+    halves = np.zeros(len(tokens), np.int8)
+    seen = None  # the tokens of the current whole line; None until the first separator
+    for i, token in enumerate(tokens.tolist()):
+        if token == newline:
+            seen = set()
+        elif seen is not None:
+            halves[i] = 2 if token in seen else 1
+            seen.add(token)
+    return halves
+
+
+def induction_in(vocabulary: tuple[str, ...], *, seed: int = 0, size: int = 2000,
+                 words: tuple[str, ...] | None = None) -> Corpus:
+    """`induction`'s lines (a span of distinct words, then the same span) over another corpus's words.
+
+    A model pretrained on that corpus reads these lines with its own tokenizer: a fine-tuning corpus
+    that asks for copying and nothing new. The spans are drawn from `words` (default: every word of
+    `vocabulary` but the separator).
+    """
+    words = tuple(w for w in (words or vocabulary) if w != NEWLINE)
+    if not set(words) <= set(vocabulary):
+        raise MinilmError(f"induction_in: words {sorted(set(words) - set(vocabulary))[:5]} are not in the vocabulary")
+    if len(words) < SPAN_LENGTHS[1]:
+        raise MinilmError(f"induction_in needs at least {SPAN_LENGTHS[1]} words besides the separator for spans "
+                          f"of distinct words; got {len(words)}")
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(SPAN_LENGTHS[0], SPAN_LENGTHS[1] + 1, size=size)
+    spans = [" ".join(words[j] for j in rng.permutation(len(words))[:n]) for n in lengths]
+    return Corpus("induction", "a random span of words repeated once (induction heads)",
+                  _text(f"{s} {s}" for s in spans), "word", tuple(sorted(set(vocabulary) | {NEWLINE})),
+                  {"symbols": words})
+
+
 # --- grammar: a probabilistic context-free grammar -------------------------------------------------
 
 # Phrase rules: symbol -> ((probability, right-hand side), ...). Subject and verb agree in number.

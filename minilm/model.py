@@ -2,6 +2,8 @@
 
     tokens -> token + position embeddings -> L x [x += attn(LN(x)); x += mlp(LN(x))] -> LN -> x @ tokᵀ
 
+(With `ModelConfig.mlp` false the blocks are attention-only, the models of Elhage et al. 2021.)
+
 (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"; pre-LayerNorm blocks,
 learned positions, GELU MLP, output projection tied to the token embedding.)
 
@@ -56,13 +58,13 @@ def init(cfg: ModelConfig, *, key: jax.Array) -> dict:
 
     def block_params(k):
         kq, kk, kv, ko, kfc, kproj = jax.random.split(k, 6)
-        return {
-            "ln1": layer_norm_params(),
-            "attn": {"q": linear_params(kq, D, D), "k": linear_params(kk, D, D), "v": linear_params(kv, D, D),
-                     "o": linear_params(ko, D, D, resid_std)},
-            "ln2": layer_norm_params(),
-            "mlp": {"fc": linear_params(kfc, D, F), "proj": linear_params(kproj, F, D, resid_std)},
-        }
+        attn = {"ln1": layer_norm_params(),
+                "attn": {"q": linear_params(kq, D, D), "k": linear_params(kk, D, D), "v": linear_params(kv, D, D),
+                         "o": linear_params(ko, D, D, resid_std)}}
+        if not cfg.mlp:  # attention-only (Elhage et al. 2021): the block ends after attention
+            return attn
+        return {**attn, "ln2": layer_norm_params(),
+                "mlp": {"fc": linear_params(kfc, D, F), "proj": linear_params(kproj, F, D, resid_std)}}
 
     return {
         "embed": {"tok": INIT_STD * jax.random.normal(key_tok, (cfg.vocab_size, D)),   # (V, D)
@@ -167,8 +169,11 @@ def _decoder(params, tokens, cfg: ModelConfig, start=0, cache=None):
             layer_norm(x, p["ln1"]), p["attn"], cfg, B, positions, None if cache is None else cache[i])
         x = x + attn_out
         resid_mid = x
-        mlp_out, hidden = mlp(layer_norm(x, p["ln2"]), p["mlp"])
-        x = x + mlp_out
+        if cfg.mlp:  # else attention-only: the stream goes on to the next block as it is
+            mlp_out, hidden = mlp(layer_norm(x, p["ln2"]), p["mlp"])
+            x = x + mlp_out
+        else:
+            hidden = jnp.zeros((x.shape[0], 0), x.dtype)  # (B·T, 0): no hidden units
         layers.append({"resid_pre": resid_pre, "resid_mid": resid_mid, "resid_post": x, "attn_probs": probs,
                        "mlp_hidden": hidden})
         new_cache.append(layer_cache)
@@ -183,7 +188,7 @@ def _decoder(params, tokens, cfg: ModelConfig, start=0, cache=None):
         "resid_mid": over_layers("resid_mid", cfg.width),    # (L, B, T, D) after attention
         "resid_post": over_layers("resid_post", cfg.width),  # (L, B, T, D) after the MLP
         "attn_probs": jnp.stack([layer["attn_probs"] for layer in layers]),  # (L, B, H, T, S)
-        "mlp_hidden": over_layers("mlp_hidden", cfg.mlp_width),  # (L, B, T, F)
+        "mlp_hidden": over_layers("mlp_hidden", cfg.mlp_width if cfg.mlp else 0),  # (L, B, T, F), F = 0 without MLP
         "final": final.reshape(B, T, cfg.width),    # (B, T, D) final LayerNorm output
     }
     return logits.reshape(B, T, -1), trace, (None if cache is None else new_cache)
@@ -194,7 +199,7 @@ def forward(params: dict, tokens: jax.Array, cfg: ModelConfig, *, trace: bool = 
 
     The trace holds, per layer, the residual stream before the block, after attention and after the
     MLP (each (L, B, T, D)), the attention probabilities (L, B, H, T, T), the MLP's hidden activations
-    (L, B, T, F), and the final LayerNorm output (B, T, D). Under jit, an unused trace costs nothing:
+    (L, B, T, F; F = 0 for an attention-only model), and the final LayerNorm output (B, T, D). Under jit, an unused trace costs nothing:
     XLA removes what no output needs.
     """
     logits, layer_trace, _ = _decoder(params, tokens, cfg)
