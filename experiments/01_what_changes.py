@@ -107,7 +107,7 @@ def run_seed(seed: int, quick: bool, snapshots: bool = False):
         configs = dict(variants(quick))
         result["map"] = common.vector_map(base, {t.name: (t, configs[t.name]) for t in tuned}, probe,
                                           base_data.tokenizer, model_cfg)
-        result["map"]["seed"], result["map"]["seconds"] = seed, time.perf_counter() - started
+        result["map"]["seed"], result["map_seconds"] = seed, time.perf_counter() - started
     return result, negative, losses
 
 
@@ -411,7 +411,7 @@ def main(argv=None) -> int:
     drawn = time.perf_counter()
     lead = [(f"The word vectors moving (seed {seed_list[0]}): full vs LoRA, layer by layer, step by step",
              report_map.map_block(result["map"])), (None, ("map", report_map.fig_map(result["map"])))]
-    result["map"]["seconds"] += time.perf_counter() - drawn  # the map's whole cost, less the snapshots' copies
+    result["map_seconds"] += time.perf_counter() - drawn  # the map's whole cost, less the snapshots' copies
     page = report.write(Path(args.out), result, title="01 — What changes when I fine-tune, fully or with LoRA?",
                         lead=lead, extra=[("Losses: what each variant learned and forgot (mean [95% interval] over seeds)",
                                 common.table(["model", "trainable parameters", "steps", "bindings loss (fine-tuning)",

@@ -5,9 +5,11 @@ carries that same dict as JSON and its one drawing function (JavaScript, `UPDATE
 so the picture and metrics.json cannot disagree (a test reads the block back). Per variant a panel, all on the same axes (one projection per
 level, fitted on every state: analysis/projection.py), with
 
-    points      the words at the chosen step, coloured by group; ▲ a bound pair's word, ■ a control's
+    points      the words at the chosen step, coloured by group; ▲ a bound pair's word, ■ a control's (these
+                two kinds labelled; hover names every word)
     links       solid between a bound pair's words, dashed between a control pair's
-    trail/arrow each word's path over the kept steps, and an arrow from where it was (base) to where it is
+    trail/arrow each word's path over the kept steps, and an arrow from where it was (base, a grey dot) to
+                where it is
     outlines    each group's convex hull
     hover       the word, its nearest probe words and its cosine to its partner, before and after
 and controls for the level (static embedding, layer boundaries) and the training step. Beside the panels,
@@ -33,7 +35,7 @@ MARKERS = {"bound": "triangle", "control": "square", "": "circle"}
 # Bokeh's own JavaScript, inlined: the plots and the widgets (1.65 MB); not WebGL, tables or MathJax (2.3 MB more).
 BOKEH_PARTS = ["bokeh", "bokeh-widgets"]
 # The columns UPDATE fills, per source (empty until the page loads).
-COLUMNS = {"points": ("x", "y", "word", "colour", "marker", "group", "role", "partner", "nn_before", "nn_after",
+COLUMNS = {"points": ("x", "y", "word", "label", "colour", "marker", "group", "role", "partner", "nn_before", "nn_after",
                       "cos_before", "cos_after", "self_cos"),
            "trails": ("xs", "ys", "colour"), "arrows": ("x0", "y0", "x1", "y1", "colour"),
            "hulls": ("xs", "ys", "colour"), "bound": ("xs", "ys"), "control": ("xs", "ys")}
@@ -66,6 +68,7 @@ D.variants.forEach((v, i) => {
   const keep = words.map((w, k) => k).filter((k) => ok(now[k]));
   const pick = (a) => keep.map((k) => a[k]);
   sources.points[i].data = {x: pick(now.map((p) => p[0])), y: pick(now.map((p) => p[1])), word: pick(words),
+    label: pick(words.map((w, k) => D.role[k] ? w : '')),
     colour: pick(colours), marker: pick(markers), group: pick(D.group.map((g) => g || '—')),
     role: pick(D.role.map((r) => r || '—')), partner: pick(D.partner.map((j) => j < 0 ? '—' : words[j])),
     nn_before: pick(nb[0].map(names)), nn_after: pick(nb[s].map(names)), cos_before: pick(pc[0].map(fmt)),
@@ -133,14 +136,15 @@ def map_block(data: dict, *, panel_width: int = 520, panel_height: int = 420) ->
         p.patches("xs", "ys", source=new["hulls"], fill_color="colour", line_color="colour", fill_alpha=0.08,
                   line_alpha=0.6, line_width=1.5)
         p.multi_line("xs", "ys", source=new["trails"], line_color="colour", line_alpha=0.35, line_width=1)
-        p.add_layout(Arrow(end=NormalHead(size=7, fill_color="colour", line_color="colour"), source=new["arrows"],
+        p.scatter("x0", "y0", source=new["arrows"], color=GREY, size=4, alpha=0.8)  # where a moved word was
+        p.add_layout(Arrow(end=NormalHead(size=9, fill_color="#444444", line_color="#444444"), source=new["arrows"],
                            x_start="x0", y_start="y0", x_end="x1", y_end="y1", line_color="colour", line_alpha=0.7))
         p.multi_line("xs", "ys", source=new["bound"], line_color="black", line_width=1.5)
         p.multi_line("xs", "ys", source=new["control"], line_color="black", line_dash="dashed", line_width=1)
         dots = p.scatter("x", "y", source=new["points"], marker="marker", fill_color="colour", line_color="black",
                          size=9, name=f"map-dots-{v}")
-        p.text("x", "y", text="word", source=new["points"], text_font_size="8pt", x_offset=5, y_offset=-3,
-               text_color="#333")
+        p.text("x", "y", text="label", source=new["points"], text_font_size="8pt", x_offset=5, y_offset=-3,
+               text_color="#333")  # pair and control words only: the groups' other words crowd; hover names them
         p.add_tools(HoverTool(renderers=[dots], tooltips=[
             ("word", "@word (@group)"), ("partner", "@partner (@role)"),
             ("cos to partner", "@cos_before → @cos_after"), ("cos to its base vector", "@self_cos"),
