@@ -240,7 +240,7 @@ def keep_snapshot(snapshots: dict, step: int, trainable) -> None:
     snapshots[step] = jax.tree.map(jax.numpy.copy, trainable)
 
 
-def snapshot_params(tuned: Tuned, base: dict, lora_cfg: lora.LoraConfig | None = None) -> dict:
+def snapshot_params(tuned: Tuned, lora_cfg: lora.LoraConfig | None = None) -> dict:
     """{step: plain parameters at that step} of a fine-tune kept with `snapshot_every` (LoRA merged)."""
     if lora_cfg is None:
         return dict(tuned.snapshots)
@@ -264,7 +264,7 @@ def vector_map(base: dict, tuned: dict[str, tuple[Tuned, lora.LoraConfig | None]
     LoraConfig or None)}, each kept with `snapshot_every`: base and every kept step, every level."""
     from minilm.analysis import vector_map as vmap
     states = {name: {step: vectors_at_levels(p, probe, tokenizer, model_cfg)
-                     for step, p in snapshot_params(t, base, cfg).items() if step > 0}
+                     for step, p in snapshot_params(t, cfg).items() if step > 0}
               for name, (t, cfg) in tuned.items()}
     return vmap.build(list(probe.words), {g: list(w) for g, w in probe.groups.items()}, probe.pairs,
                       probe.controls, vectors_at_levels(base, probe, tokenizer, model_cfg), states)

@@ -45,7 +45,7 @@ COLUMNS = {"points": ("x", "y", "word", "label", "colour", "marker", "group", "r
 # markers, group_colours, xr, yr (the shared ranges), sources {points, trails, arrows, hulls, bound, control}
 # (one of each per variant), info (the numbers beside the map).
 UPDATE = """
-const D = JSON.parse(document.getElementById('minilm-map-data').textContent);
+const D = window.minilmMap || (window.minilmMap = JSON.parse(document.getElementById('minilm-map-data').textContent));
 const level = D.levels[layer.active], s = step.value, words = D.words;
 step.title = `training step ${D.steps[s]} of ${D.steps[D.steps.length - 1]}`;
 const [x0, x1, y0, y1] = D.bounds[level];
@@ -130,7 +130,7 @@ def map_block(data: dict, *, panel_width: int = 520, panel_height: int = 420) ->
         new = {k: ColumnDataSource({c: [] for c in COLUMNS[k]}, name=f"map-{k}-{v}") for k in sources}
         for k in sources:
             sources[k].append(new[k])
-        p = figure(title=v, width=panel_width, height=panel_height, x_range=xr, y_range=yr, name="map-panel",
+        p = figure(title=v, width=panel_width, height=panel_height, x_range=xr, y_range=yr, name=f"map-panel-{v}",
                    tools="pan,wheel_zoom,box_zoom,reset,save", toolbar_location="above")
         p.xaxis.axis_label, p.yaxis.axis_label = "first principal axis", "second principal axis"
         p.patches("xs", "ys", source=new["hulls"], fill_color="colour", line_color="colour", fill_alpha=0.08,

@@ -86,6 +86,21 @@ def pixels(driver, name: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
 
 
+# Where a word's dot is, in the canvas's pixels (Bokeh's own scales), and the text of any tooltip shown.
+DOT = """
+const view = Bokeh.index.find_one(Bokeh.documents[0].get_model_by_name(`map-panel-${arguments[0]}`));
+const points = Bokeh.documents[0].get_model_by_name(`map-points-${arguments[0]}`).data, k = arguments[1];
+return [view.frame.x_scale.compute(points.x[k]), view.frame.y_scale.compute(points.y[k])];
+"""
+TOOLTIPS = """
+const texts = [], walk = (root) => { for (const el of root.querySelectorAll('*')) {
+  if (String(el.className).includes('bk-tooltip-content')) texts.push(el.innerText);
+  if (el.shadowRoot) walk(el.shadowRoot); } };
+walk(document);
+return texts.join('\\n');
+"""
+
+
 def check_points(driver, data: dict, level: str, step: int):
     for variant in data["variants"]:
         now = drawn(driver, variant)
@@ -102,6 +117,20 @@ def test_the_map_draws_offline_without_console_errors(browser, page):
     check_points(browser, page, LEVELS[-1], -1)  # opens at the last layer and the last step
     text = browser.execute_script("return Bokeh.documents[0].get_model_by_name('map-info').text")
     assert f"{100 * page['variance_share'][LEVELS[-1]]:.1f}%" in text and "w0–w1" in text
+
+
+def test_hovering_a_word_shows_its_partner_cosines_and_neighbours_before_and_after(browser, page):
+    from selenium.webdriver.common.action_chains import ActionChains
+    canvas = browser.execute_script(FIND, "canvas", None)  # the first panel: full
+    x, y = browser.execute_script(DOT, "full", 1)  # w1, a planted mover, bound to w0
+    ActionChains(browser).move_to_element_with_offset(canvas, round(x - canvas.rect["width"] / 2),
+                                                      round(y - canvas.rect["height"] / 2)).perform()
+    wait_for(browser, TOOLTIPS.replace("return texts", "return texts.length > 0 && texts"))
+    tip = browser.execute_script(TOOLTIPS)
+    cos = page["partner_cos"][LEVELS[-1]]["full"]
+    near = [", ".join(WORDS[j] for j in page["neighbours"][LEVELS[-1]]["full"][s][1]) for s in (0, -1)]
+    assert "w1 (concepts)" in tip and "w0 (bound)" in tip and f"{cos[0][1]:.3f} → {cos[-1][1]:.3f}" in tip
+    assert near[0] in tip and near[1] in tip
 
 
 def test_moving_the_layer_and_step_controls_redraws_what_metrics_json_says(browser, page):

@@ -61,7 +61,7 @@ def test_common_finetune_keeps_copies_from_step_0(small_cfgs, arithmetic_data):
     for lora_cfg in (None, cfg):
         t = common.finetune("x", base, arithmetic_data, model_cfg, train_cfg, lora_cfg, snapshot_every=5)
         assert sorted(t.snapshots) == [0, 5, 10, 12]
-        params = common.snapshot_params(t, base, lora_cfg)
+        params = common.snapshot_params(t, lora_cfg)
         assert same(params[0], base) if lora_cfg is None else np.allclose(
             *(np.asarray(x["blocks"][0]["attn"]["q"]["w"]) for x in (params[0], base)))  # B = 0: LoRA starts at W0
         assert same(params[12], t.params) and not same(params[5], t.params)

@@ -63,8 +63,9 @@ def build(words: list[str], groups: dict[str, list[str]], pairs, controls, base:
         states: {variant: {step: {level: (M, D)}}}, the same steps for every variant (step 0 may be left out:
             it is the base).
     Returns:
-        {"words", "group", "groups", "partner", "role", "levels", "variants", "steps", "variance_share",
-         "bounds", "xy", "partner_cos", "self_cos", "neighbours"}; per level and variant, a list over steps.
+        {"words", "group", "groups", "partner", "role", "dimensions" (D), "levels", "variants", "steps",
+         "variance_share", "bounds" (the map's x and y limits per level, over every state), "xy", "partner_cos",
+         "self_cos", "neighbours"}; the last four per level and variant, a list over steps of one entry per word.
     """
     variants = list(states)
     steps = sorted({0, *next(iter(states.values()))})
