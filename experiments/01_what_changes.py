@@ -9,7 +9,9 @@ An answer is a distribution over seeds (minilm/analysis/seeds.py): the whole pip
 fine-tunes, batches — runs once per seed, every number a verdict reads is kept per seed, and a claim
 is "true" or "false" only when the Student-t test over seeds, Holm-corrected over all the verdicts of
 the report, decides it against the threshold written in the claim; otherwise it is "not settled by N
-seeds". All seeds run in one process, so each program compiles once.
+seeds". All seeds run in one process, so each program compiles once. The report opens with a map of the
+probe words' vectors moving, layer by layer and step by step, full vs LoRA, for the first seed (its fine-tunes
+on bindings keep a snapshot every steps/10 steps; minilm/report_map.py).
 
     python experiments/01_what_changes.py                # 5 seeds, ~3 minutes on 2 CPU cores
     python experiments/01_what_changes.py --seeds 3,7,11 # those seeds
@@ -413,7 +415,8 @@ def main(argv=None) -> int:
              report_map.map_block(result["map"])), (None, ("map", report_map.fig_map(result["map"])))]
     result["map_seconds"] += time.perf_counter() - drawn  # the map's whole cost, less the snapshots' copies
     page = report.write(Path(args.out), result, title="01 — What changes when I fine-tune, fully or with LoRA?",
-                        lead=lead, extra=[("Losses: what each variant learned and forgot (mean [95% interval] over seeds)",
+                        lead=lead,
+                        extra=[("Losses: what each variant learned and forgot (mean [95% interval] over seeds)",
                                 common.table(["model", "trainable parameters", "steps", "bindings loss (fine-tuning)",
                                               "associations loss (pretraining)"], loss_rows)),
                                ("Bound pairs minus controls, per layer (mean [95% interval] over seeds)",

@@ -167,7 +167,7 @@ def finetune(name: str, base: dict, dataset: Dataset, model_cfg: ModelConfig, tr
              lora_cfg: lora.LoraConfig | None = None, stop_below: float | None = None, watch: dict | None = None,
              watch_every: int = 0, snapshot_every: int = 0) -> Tuned:
     """Full fine-tuning (lora_cfg None) or LoRA; the base is never modified. `watch`, `snapshot_every`: see
-    `fit`; `snapshot_states` turns the snapshots into the word vectors the map draws.
+    `fit`; `vector_map` turns the snapshots into the numbers the map draws.
 
     A diverged run comes back marked (`diverged` set, params and adapted None, its log up to the failure)
     instead of raising, so that a sweep over learning rates goes on."""
