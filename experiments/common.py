@@ -245,7 +245,8 @@ def snapshot_params(tuned: Tuned, lora_cfg: lora.LoraConfig | None = None) -> di
     if lora_cfg is None:
         return dict(tuned.snapshots)
     _, frozen = lora.split(tuned.adapted, lora_cfg)
-    return {step: lora.merge(lora.fill_shared_a(combine(adapters, frozen))) for step, adapters in tuned.snapshots.items()}
+    return {step: lora.merge(lora.fill_shared_a(combine(adapters, frozen)))
+            for step, adapters in tuned.snapshots.items()}
 
 
 def vectors_at_levels(params: dict, probe, tokenizer, model_cfg: ModelConfig) -> dict[str, np.ndarray]:

@@ -2,8 +2,8 @@
 
 It draws `minilm.analysis.vector_map.build`'s numbers, the dict stored in metrics.json under "map"; the page
 carries that same dict as JSON and its one drawing function (JavaScript, `UPDATE` below) reads nothing else,
-so the picture and metrics.json cannot disagree (a test reads the block back). Per variant a panel, all on the same axes (one projection per
-level, fitted on every state: analysis/projection.py), with
+so the picture and metrics.json cannot disagree (a test reads the block back). Per variant a panel, all on the
+same axes (one projection per level, fitted on every state: analysis/projection.py), with
 
     points      the words at the chosen step, coloured by group; ▲ a bound pair's word, ■ a control's (these
                 two kinds labelled; hover names every word)
@@ -35,15 +35,14 @@ MARKERS = {"bound": "triangle", "control": "square", "": "circle"}
 # Bokeh's own JavaScript, inlined: the plots and the widgets (1.65 MB); not WebGL, tables or MathJax (2.3 MB more).
 BOKEH_PARTS = ["bokeh", "bokeh-widgets"]
 # The columns UPDATE fills, per source (empty until the page loads).
-COLUMNS = {"points": ("x", "y", "word", "label", "colour", "marker", "group", "role", "partner", "nn_before", "nn_after",
-                      "cos_before", "cos_after", "self_cos"),
+COLUMNS = {"points": ("x", "y", "word", "label", "colour", "marker", "group", "role", "partner", "nn_before",
+                      "nn_after", "cos_before", "cos_after", "self_cos"),
            "trails": ("xs", "ys", "colour"), "arrows": ("x0", "y0", "x1", "y1", "colour"),
            "hulls": ("xs", "ys", "colour"), "bound": ("xs", "ys"), "control": ("xs", "ys")}
 
-# Drawn on load and on every move of a control. Reads D, the map's numbers, from the page's JSON block. Args:
-# layer, step (widgets), colours,
-# markers, group_colours, xr, yr (the shared ranges), sources {points, trails, arrows, hulls, bound, control}
-# (one of each per variant), info (the numbers beside the map).
+# Drawn on load and on every move of a control. Reads D, the map's numbers, from the page's JSON block (parsed
+# once). Args: layer, step (the widgets), colours, markers (per word), group_colours, xr, yr (the shared ranges),
+# sources {points, trails, arrows, hulls, bound, control} (one of each per variant), info (the numbers below).
 UPDATE = """
 const D = window.minilmMap || (window.minilmMap = JSON.parse(document.getElementById('minilm-map-data').textContent));
 const level = D.levels[layer.active], s = step.value, words = D.words;
@@ -94,14 +93,20 @@ const rows = words.map((w, k) => k).filter((k) => D.partner[k] > k);
 const head = '<tr><th>pair</th><th>kind</th><th>base</th>' + D.variants.map((v) => `<th>${v}</th>`).join('') + '</tr>';
 const body = rows.map((k) => {
   const base = D.partner_cos[level][D.variants[0]][0][k];
-  const cells = D.variants.map((v) => { const c = D.partner_cos[level][v][s][k];
-    return `<td>${fmt(c)} (${c === null || base === null ? '—' : (c - base >= 0 ? '+' : '') + (c - base).toFixed(3)})</td>`; });
-  return `<tr><td>${words[k]}–${words[D.partner[k]]}</td><td>${D.role[k]}</td><td>${fmt(base)}</td>${cells.join('')}</tr>`;
+  const change = (c) => (c === null || base === null) ? '—' : (c - base >= 0 ? '+' : '') + (c - base).toFixed(3);
+  const cells = D.variants.map((v) => {
+    const c = D.partner_cos[level][v][s][k];
+    return `<td>${fmt(c)} (${change(c)})</td>`;
+  });
+  return `<tr><td>${words[k]}–${words[D.partner[k]]}</td><td>${D.role[k]}</td><td>${fmt(base)}</td>` +
+    `${cells.join('')}</tr>`;
 }).join('');
-info.text = `<p><b>${level}</b>, step ${D.steps[s]}: the two axes keep <b>${(100 * D.variance_share[level]).toFixed(1)}%</b>` +
-  ` of the variance of the base and every tuned state at this level (one projection for all of them, so a move on` +
-  ` the map is a move of the vector, flattened). The true cosines, in all ${D.dimensions} dimensions:</p>` +
-  `<table><tr><th colspan="${3 + D.variants.length}">cosine of each pair (change from the base)</th></tr>${head}${body}</table>`;
+const share = (100 * D.variance_share[level]).toFixed(1);
+info.text = `<p><b>${level}</b>, step ${D.steps[s]}: the two axes keep <b>${share}%</b> of the variance of` +
+  ` the base and every tuned state at this level (one projection for all of them, so a move on the map is a` +
+  ` move of the vector, flattened). The true cosines, in all ${D.dimensions} dimensions:</p>` +
+  `<table><tr><th colspan="${3 + D.variants.length}">cosine of each pair (change from the base)</th></tr>` +
+  `${head}${body}</table>`;
 """
 
 
@@ -152,7 +157,8 @@ def map_block(data: dict, *, panel_width: int = 520, panel_height: int = 420) ->
         panels.append(p)
     layer = RadioButtonGroup(labels=data["levels"], active=len(data["levels"]) - 1, name="map-layer")
     step = Slider(start=0, end=max(1, len(data["steps"]) - 1), step=1, value=len(data["steps"]) - 1,
-                  title="training step", name="map-step", width=panel_width, show_value=False, disabled=len(data["steps"]) < 2)
+                  title="training step", name="map-step", width=panel_width, show_value=False,
+                  disabled=len(data["steps"]) < 2)
     info = Div(text="", name="map-info")
     legend = Div(text=_legend_html(data, group_colours))
     update = CustomJS(args=dict(layer=layer, step=step, colours=colours, group_colours=group_colours,

@@ -36,12 +36,14 @@ def test_finetune_keeps_snapshots_every_k_steps_and_the_last_is_the_result(tmp_p
         kept = sorted(p.name for p in (out / "snapshots").iterdir())
         assert kept == ["step-000002", "step-000004", "step-000005"]  # every 2 steps and the last
         if mode[0] == "--lora":
-            load = lambda p: lora.load_adapter(p, ckpt.params, ckpt.model_cfg, tokenizer=ckpt.tokenizer)[0]  # noqa: E731
+            def load(path):
+                return lora.load_adapter(path, ckpt.params, ckpt.model_cfg, tokenizer=ckpt.tokenizer)[0]
             final, early = load(out / "adapter"), load(out / "snapshots" / kept[0])
-            names = lambda p: sorted(p.name for p in p.iterdir())  # noqa: E731
+            names = lambda folder: sorted(f.name for f in folder.iterdir())  # noqa: E731
             assert names(out / "snapshots" / kept[0]) == names(out / "adapter")  # the adapters alone
         else:
-            load = lambda p: checkpoint.load(p).params  # noqa: E731
+            def load(path):
+                return checkpoint.load(path).params
             final, early = load(out / "checkpoint"), load(out / "snapshots" / kept[0])
             assert (out / "snapshots" / kept[0] / "optimizer.safetensors").stat().st_size < 100  # no moments
         assert same(load(out / "snapshots" / kept[-1]), final) and not same(early, final)

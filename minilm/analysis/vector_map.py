@@ -76,7 +76,8 @@ def build(words: list[str], groups: dict[str, list[str]], pairs, controls, base:
     group_of = {w: g for g, members in groups.items() for w in members}
     partner, role = partners(words, pairs, controls)
     out = {"words": list(words), "group": [group_of.get(w, "") for w in words], "groups": list(groups),
-           "partner": partner, "role": role, "dimensions": int(np.shape(base[levels[0]])[1]), "levels": levels, "variants": variants, "steps": steps,
+           "partner": partner, "role": role, "dimensions": int(np.shape(base[levels[0]])[1]),
+           "levels": levels, "variants": variants, "steps": steps,
            "variance_share": {}, "bounds": {}, "xy": {}, "partner_cos": {}, "self_cos": {}, "neighbours": {}}
     has_partner = np.asarray(partner) >= 0
     rows = np.arange(len(words))
