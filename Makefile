@@ -28,7 +28,7 @@ test: $(STAMP)
 	$(TESTS)
 
 test-core: $(STAMP)
-	$(TESTS) -m "not experiments"
+	$(TESTS) -m "not experiments and not browser"
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks --benchmark-columns=median,rounds --benchmark-sort=name

@@ -9,7 +9,9 @@ An answer is a distribution over seeds (minilm/analysis/seeds.py): the whole pip
 fine-tunes, batches — runs once per seed, every number a verdict reads is kept per seed, and a claim
 is "true" or "false" only when the Student-t test over seeds, Holm-corrected over all the verdicts of
 the report, decides it against the threshold written in the claim; otherwise it is "not settled by N
-seeds". All seeds run in one process, so each program compiles once.
+seeds". All seeds run in one process, so each program compiles once. The report opens with a map of the
+probe words' vectors moving, layer by layer and step by step, full vs LoRA, for the first seed (its fine-tunes
+on bindings keep a snapshot every steps/10 steps; minilm/report_map.py).
 
     python experiments/01_what_changes.py                # 5 seeds, ~3 minutes on 2 CPU cores
     python experiments/01_what_changes.py --seeds 3,7,11 # those seeds
@@ -31,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `common`, next t
 import common  # noqa: E402
 
 import lora  # noqa: E402
-from minilm import report  # noqa: E402
+from minilm import report, report_map  # noqa: E402
 from minilm.analysis import seeds  # noqa: E402
 from minilm import corpora  # noqa: E402
 from minilm.analysis.compare import Model, compare, compare_vectors, make_probe  # noqa: E402
@@ -47,6 +49,7 @@ WATCH_BATCHES = 8       # on 8 fixed held-out batches of 16 windows per corpus (
 GAPPED = 1.2            # Shuttleworth et al.'s precondition: the base's top singular values stand apart
                         # (median ratio σi/σi+1 among the top 10 above this; 1 is a flat spectrum)
 KINDS = tuple(corpora.BOUND)  # the two ways bindings binds a pair: co-occur, substitute
+MAP_POINTS = 10         # the map (issue 17): the shown seed's fine-tunes on bindings keep 10 snapshots (K = steps/10)
 
 
 def variants(quick: bool):
@@ -61,12 +64,13 @@ def variants(quick: bool):
 # ---------------------------------------------------------------- one seed: the pipeline
 
 
-def run_seed(seed: int, quick: bool):
+def run_seed(seed: int, quick: bool, snapshots: bool = False):
     """Base, four fine-tunes on bindings and four on unbound (the negative control), compared with the base
     -> (compare's result for the bindings fine-tunes, the unbound fine-tunes' vectors, losses).
 
     Every variant trains the same step budget at its method's default learning rate (no early stopping):
-    the geometry claims compare what each method did with the same budget."""
+    the geometry claims compare what each method did with the same budget. With `snapshots`, the bindings
+    fine-tunes keep MAP_POINTS snapshots and result["map"] holds the map's numbers (one seed: the one shown)."""
     s = common.setup(quick, seed)
     base, model_cfg, base_data, ft_data = common.base_and_bindings(s)
     control_data = common.data("unbound", s, tokenizer=base_data.tokenizer)
@@ -81,7 +85,8 @@ def run_seed(seed: int, quick: bool):
         train_cfg = s.finetune if cfg is None else dataclasses.replace(s.finetune, lr=LORA_LR)
         train_cfg = dataclasses.replace(train_cfg, eval_every=train_cfg.steps)  # losses: `watch`
         t = common.finetune(name, base, ft_data, model_cfg, train_cfg, cfg, watch=watch,
-                            watch_every=max(1, train_cfg.steps // WATCH_POINTS))
+                            watch_every=max(1, train_cfg.steps // WATCH_POINTS),
+                            snapshot_every=max(1, train_cfg.steps // MAP_POINTS) if snapshots else 0)
         control = common.finetune(f"{name} on unbound", base, control_data, model_cfg, train_cfg, cfg)
         for run in (t, control):
             if run.diverged:  # every claim compares every method: a default-rate run must not diverge
@@ -99,12 +104,18 @@ def run_seed(seed: int, quick: bool):
     result = compare(Model("base", base), [Model(t.name, t.params, common.adapters_of(t)) for t in tuned], probe,
                      base_data.tokenizer, model_cfg)
     result["adapters_of"] = {t.name: sorted(common.adapters_of(t)) for t in tuned}
+    if snapshots:
+        started = time.perf_counter()
+        configs = dict(variants(quick))
+        result["map"] = common.vector_map(base, {t.name: (t, configs[t.name]) for t in tuned}, probe,
+                                          base_data.tokenizer, model_cfg)
+        result["map"]["seed"], result["map_seconds"] = seed, time.perf_counter() - started
     return result, negative, losses
 
 
 def seed_numbers(seed: int, quick: bool, shown: int):
     """One seed's measured numbers and curves, and its whole comparison if it is the `shown` seed."""
-    result, negative, losses = run_seed(seed, quick)
+    result, negative, losses = run_seed(seed, quick, snapshots=seed == shown)  # the map shows the first seed
     curves = {m: one["curve"] for m, one in losses.items() if "curve" in one}
     return measure(result, negative, losses), curves, (result, losses) if seed == shown else None
 
@@ -403,7 +414,12 @@ def main(argv=None) -> int:
                   seeds.interval_text(seeds.finding(m, per_seed["steps"][m], 0.0)) if m != "base" else "—",
                   seeds.interval_text(seeds.finding(m, per_seed["finetune_loss"][m], 0.0)),
                   seeds.interval_text(seeds.finding(m, per_seed["base_loss"][m], 0.0))) for m in ["base", *names]]
+    drawn = time.perf_counter()
+    lead = [(f"The word vectors moving (seed {seed_list[0]}): full vs LoRA, layer by layer, step by step",
+             report_map.map_block(result["map"])), (None, ("map", report_map.fig_map(result["map"])))]
+    result["map_seconds"] += time.perf_counter() - drawn  # the map's whole cost, less the snapshots' copies
     page = report.write(Path(args.out), result, title="01 — What changes when I fine-tune, fully or with LoRA?",
+                        lead=lead,
                         extra=[("Losses: what each variant learned and forgot (mean [95% interval] over seeds)",
                                 common.table(["model", "trainable parameters", "steps", "bindings loss (fine-tuning)",
                                               "associations loss (pretraining)"], loss_rows)),

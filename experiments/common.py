@@ -99,12 +99,16 @@ def data(corpus: str, s: Setup, tokenizer=None) -> Dataset:
 
 
 def fit(trainable, frozen, dataset: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig, label: str,
-        loss=train.loss_fn, stop_below: float | None = None, watch: dict | None = None, watch_every: int = 0):
+        loss=train.loss_fn, stop_below: float | None = None, watch: dict | None = None, watch_every: int = 0,
+        snapshot_every: int = 0, snapshots: dict | None = None):
     """Train with a progress bar; returns (trainable, [metrics per step]). With `stop_below`, stop at the
     first evaluation whose held-out loss is at or below it (to compare models at equal loss).
 
     `watch` {name: windows (A, B, T + 1)} adds `<name>_loss`, the mean loss on those fixed windows, to the
     metrics every `watch_every` steps and at the last step: losses along training, comparable across runs.
+
+    `snapshots`, a dict, is filled with {step: a copy of `trainable`} at step 0, every `snapshot_every` steps
+    and at the last step: the path the map (issue 17) draws (`keep_snapshot` says what a copy costs).
 
     A run that diverges raises train.Diverged with the metrics so far as its `log` (`finetune` marks the
     run instead, so that a sweep goes on; a base that diverges stops the experiment).
@@ -112,9 +116,14 @@ def fit(trainable, frozen, dataset: Dataset, model_cfg: ModelConfig, train_cfg: 
     state = train.start(trainable, frozen, train_cfg, key=jax.random.key(train_cfg.seed + 1))
     watched = {name: (train.make_eval(model_cfg, loss), w) for name, w in (watch or {}).items()}
     log = []
+    if snapshots is not None and snapshot_every:
+        keep_snapshot(snapshots, 0, state.trainable)
     with tqdm(total=train_cfg.steps, desc=label, unit="step", leave=False) as bar:
         try:
             for state, metrics in train.run(state, dataset, model_cfg, train_cfg, loss):
+                if snapshots is not None and snapshot_every and (metrics["step"] % snapshot_every == 0
+                                                                 or metrics["step"] == train_cfg.steps):
+                    keep_snapshot(snapshots, metrics["step"], state.trainable)
                 if watched and (metrics["step"] % watch_every == 0 or metrics["step"] == train_cfg.steps):
                     for name, (evaluate, windows) in watched.items():
                         metrics[f"{name}_loss"] = float(evaluate(state.trainable, state.frozen, windows))
@@ -165,12 +174,14 @@ class Tuned:
     trainable: int          # trainable parameter count
     lr: float               # peak learning rate
     diverged: dict | None = None  # {"step", "loss", "grad_norm"} of the first non-finite step, if any
+    snapshots: dict | None = None  # {step: what trains at that step} (LoRA: the adapters alone); see `fit`
 
 
 def finetune(name: str, base: dict, dataset: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig,
              lora_cfg: lora.LoraConfig | None = None, stop_below: float | None = None, watch: dict | None = None,
-             watch_every: int = 0) -> Tuned:
-    """Full fine-tuning (lora_cfg None) or LoRA; the base is never modified. `watch`: see `fit`.
+             watch_every: int = 0, snapshot_every: int = 0) -> Tuned:
+    """Full fine-tuning (lora_cfg None) or LoRA; the base is never modified. `watch`, `snapshot_every`: see
+    `fit`; `vector_map` turns the snapshots into the numbers the map draws.
 
     A diverged run comes back marked (`diverged` set, params and adapted None, its log up to the failure)
     instead of raising, so that a sweep over learning rates goes on."""
@@ -181,16 +192,17 @@ def finetune(name: str, base: dict, dataset: Dataset, model_cfg: ModelConfig, tr
         adapted = lora.attach(base, lora_cfg, key=jax.random.key(train_cfg.seed + 2))
         trainable, frozen = lora.split(adapted, lora_cfg)
         n, loss = size(trainable), lora.loss_fn
+    snapshots = {} if snapshot_every else None
     try:
         trainable, log = fit(trainable, frozen, dataset, model_cfg, train_cfg, f"fine-tune {name}", loss,
-                             stop_below, watch, watch_every)
+                             stop_below, watch, watch_every, snapshot_every, snapshots)
     except train.Diverged as e:  # its last weights were overwritten in place by the failed step: none to keep
         return Tuned(name, None, None, e.log, n, train_cfg.lr, {"step": e.step, "loss": e.loss,
                                                                  "grad_norm": e.grad_norm})
     if lora_cfg is None:
-        return Tuned(name, combine(trainable, frozen), None, log, n, train_cfg.lr)
+        return Tuned(name, combine(trainable, frozen), None, log, n, train_cfg.lr, snapshots=snapshots)
     adapted = lora.fill_shared_a(combine(trainable, frozen))  # a shared A (fuse_qkv) back in every matrix
-    return Tuned(name, lora.merge(adapted), adapted, log, n, train_cfg.lr)
+    return Tuned(name, lora.merge(adapted), adapted, log, n, train_cfg.lr, snapshots=snapshots)
 
 
 def eval_loss(params, dataset: Dataset, model_cfg: ModelConfig, batches: int = 16, seed: int = 123) -> float:
@@ -280,3 +292,43 @@ def _call(script: str, name: str, seed: int, args: tuple):
         spec.loader.exec_module(module)
         _LOADED[script] = module
     return getattr(_LOADED[script], name)(seed, *args)
+
+
+# ---------------------------------------------------------------- snapshots along fine-tuning, for the map (issue 17)
+
+
+def keep_snapshot(snapshots: dict, step: int, trainable) -> None:
+    """snapshots[step] = a copy of `trainable`. The steps update their arrays in place (train.run donates
+    them), so a reference would be overwritten; what is copied is only what trains: for LoRA, the adapters."""
+    snapshots[step] = jax.tree.map(jax.numpy.copy, trainable)
+
+
+def snapshot_params(tuned: Tuned, lora_cfg: lora.LoraConfig | None = None) -> dict:
+    """{step: plain parameters at that step} of a fine-tune kept with `snapshot_every` (LoRA merged)."""
+    if lora_cfg is None:
+        return dict(tuned.snapshots)
+    _, frozen = lora.split(tuned.adapted, lora_cfg)
+    return {step: lora.merge(lora.fill_shared_a(combine(adapters, frozen)))
+            for step, adapters in tuned.snapshots.items()}
+
+
+def vectors_at_levels(params: dict, probe, tokenizer, model_cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """{"static": (M, D), "layer 0": (M, D), ...}: the probe words' embedding rows and their contextual
+    vectors (averaged over occurrences in the probe's windows) at every layer boundary."""
+    from minilm.analysis.compare import _hidden_states, word_vectors
+    ids = [tokenizer.index[w] for w in probe.words]
+    states, _ = _hidden_states(params, probe.windows, model_cfg)  # (L + 1, B, T, D)
+    layers = word_vectors(states, probe.windows, ids)  # (L + 1, M, D)
+    return {"static": np.asarray(params["embed"]["tok"])[ids], **{f"layer {i}": x for i, x in enumerate(layers)}}
+
+
+def vector_map(base: dict, tuned: dict[str, tuple[Tuned, lora.LoraConfig | None]], probe, tokenizer,
+               model_cfg: ModelConfig) -> dict:
+    """The map's numbers (minilm.analysis.vector_map.build) for the fine-tunes in `tuned` {name: (run, its
+    LoraConfig or None)}, each kept with `snapshot_every`: base and every kept step, every level."""
+    from minilm.analysis import vector_map as vmap
+    states = {name: {step: vectors_at_levels(p, probe, tokenizer, model_cfg)
+                     for step, p in snapshot_params(t, cfg).items() if step > 0}
+              for name, (t, cfg) in tuned.items()}
+    return vmap.build(list(probe.words), {g: list(w) for g, w in probe.groups.items()}, probe.pairs,
+                      probe.controls, vectors_at_levels(base, probe, tokenizer, model_cfg), states)

@@ -378,6 +378,8 @@ def comparison_blocks(result: dict) -> list:
     return blocks
 
 
-def write(out: Path, result: dict, *, title: str, extra=()) -> Path:
-    """The comparison report of `compare`'s result, with `extra` blocks at the end."""
-    return write_page(out, title, [*comparison_blocks(result), *extra], result)
+def write(out: Path, result: dict, *, title: str, extra=(), lead=()) -> Path:
+    """The comparison report of `compare`'s result, with `lead` blocks right after the summary and `extra`
+    blocks at the end."""
+    summary, *rest = comparison_blocks(result)
+    return write_page(out, title, [summary, *lead, *rest, *extra], result)

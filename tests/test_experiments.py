@@ -125,3 +125,23 @@ def test_01_learning_and_forgetting_follow_from_the_curves(exp01):
             want = f1 if j == 0 or l0 == l1 else f0 + (f1 - f0) * (l0 - matched) / (l0 - l1)
             assert per_seed["matched_forgetting"][n][i] == pytest.approx(want)
             assert tradeoff.forgetting_at(points, matched) == pytest.approx(want)
+
+
+def test_01_leads_with_the_map_of_the_shown_seed_and_its_last_step_is_the_tuned_model(exp01):
+    from minilm import report_map
+    _, out, metrics = exp01
+    page = (out / "report.html").read_text()
+    data = metrics["map"]
+    assert report_map.read_data(page) == data and (out / "figures" / "map.png").is_file()
+    assert page.index("<h2>Summary</h2>") < page.index("The word vectors moving") < page.index("<h2>Which matrices")
+    assert data["seed"] == metrics["shown_seed"] and data["variants"] == metrics["models"]
+    assert data["steps"] == list(range(11)) and data["levels"][0] == "static"  # --quick: 10 steps, K = 1
+    # the snapshots' vectors are the models' own: the last step's pair cosines are compare's for the tuned
+    # model (LoRA merged from its adapters at that step), step 0's the base's
+    words, layer = data["words"], len(data["levels"]) - 2
+    for v in data["variants"]:
+        part = metrics["vectors"][v]["contextual"][layer]
+        for when, which in ((-1, "tuned"), (0, "base")):
+            for row in part[which]["pairs"]:
+                cos = data["partner_cos"][f"layer {layer}"][v][when][words.index(row["a"])]
+                assert cos == pytest.approx(row["cosine"], abs=2e-4), (v, which, row)

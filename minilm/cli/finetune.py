@@ -3,12 +3,14 @@
 Full fine-tuning trains every weight and writes a checkpoint that `minilm train --resume` continues;
 LoRA trains adapters only (lora/) and writes an adapter folder. The two share one training loop
 (fit.py) and one step (minilm.train): only the (trainable, frozen) split and the loss differ. The
-`--lora` spec's keys and their help are LoraConfig's fields (lora/config.py).
+`--lora` spec's keys and their help are LoraConfig's fields (lora/config.py). `--snapshot-every K` also keeps
+what trains every K steps (OUT/snapshots/), the path a map of the word vectors draws (minilm/report_map.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 from minilm.cli.flags import add_config_flags, describe_keys, given, refuse_adapter
@@ -30,6 +32,10 @@ def add_parser(commands) -> None:
                         f"Keys: {describe_keys(LoraConfig)}")
     p.add_argument("--out", metavar="DIR", help="output folder (default: runs/BASE-MODE-CORPUS)")
     p.add_argument("--overwrite", action="store_true", help="replace what an earlier run saved in --out")
+    p.add_argument("--snapshot-every", type=int, default=0, metavar="K",
+                   help="also keep what trains every K steps in OUT/snapshots/step-NNNNNN/, the path a map of the "
+                        "word vectors draws: for --lora an adapter folder (the adapters alone), for --full a "
+                        "checkpoint of the weights without optimizer state (default: 0, none)")
     add_config_flags(p, TrainConfig, f"training (lr defaults to {FINETUNE.lr:g} for --full, {LORA_LR:g} for --lora)",
                      lambda f: f"default: {getattr(FINETUNE, f.name)}")
     add_config_flags(p, DataConfig, "data (tokenized with the base model's vocabulary)")
@@ -65,6 +71,11 @@ def run(args) -> int:
     folders.check_output(saved, "adapter" if lora_cfg else "checkpoint", overwrite=args.overwrite, inputs=inputs)
     if folders.kind_of(out) != "run":  # metrics.jsonl goes beside what it saves: never into a stranger's folder
         folders.check_output(out, "run", overwrite=args.overwrite, inputs=inputs)
+    snapshots = out / "snapshots"
+    if args.snapshot_every < 0:
+        raise MinilmError(f"--snapshot-every {args.snapshot_every}: give a number of steps >= 1, or 0 for none")
+    if args.snapshot_every and snapshots.exists() and not args.overwrite:
+        raise MinilmError(f"{snapshots} already exists; pass --overwrite to replace it, or choose another --out")
     data = load_dataset(data_cfg, seed=train_cfg.seed, tokenizer=base.tokenizer)
     check_fits(data, base.model_cfg.context, data_cfg.text or f"corpus {data_cfg.corpus!r}")
     cost = (lora.lora_step_cost(base.model_cfg, train_cfg.batch_size, lora_cfg, train_cfg.grad_accum) if lora_cfg
@@ -91,7 +102,21 @@ def run(args) -> int:
             checkpoint.save_training(saved, state, model_cfg=model_cfg, train_cfg=train_cfg, data_cfg=data_cfg,
                                      tokenizer=base.tokenizer)
 
+    def snapshot(state):  # only what the map needs: the adapters, or the weights without optimizer state
+        path = snapshots / f"step-{state.step:06d}"
+        if lora_cfg:
+            lora.save_adapter(path, combine(state.trainable, state.frozen), lora_cfg, model_cfg, base.tokenizer)
+        else:
+            checkpoint.save(path, params=combine(state.trainable, state.frozen), opt_state={}, model_cfg=model_cfg,
+                            train_cfg=train_cfg, data_cfg=data_cfg, tokenizer=base.tokenizer,
+                            state={"step": state.step, "data_cursor": state.data_cursor,
+                                   "key": checkpoint.key_to_json(state.key), "snapshot": True})
+
+    if args.snapshot_every:
+        shutil.rmtree(snapshots, ignore_errors=True)  # --overwrite: the old run's snapshots go
+        snapshots.mkdir(parents=True)
     return fit(state, data, model_cfg, train_cfg, out, save, resume=False, saved=saved,
+               snapshot=snapshot if args.snapshot_every else None, snapshot_every=args.snapshot_every,
                resume_hint=None if lora_cfg else f"minilm train --out {out} --resume",
                sample_hint=f"minilm sample {base.path} --adapter {saved} --prompt '...'" if lora_cfg
                else f"minilm sample {out} --prompt '...'",

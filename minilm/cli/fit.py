@@ -60,7 +60,7 @@ def check_memory(cost, what: str) -> None:
 
 
 def fit(state, data, model_cfg, train_cfg, out: Path, save, *, resume: bool, saved: Path, resume_hint: str | None,
-        sample_hint: str, loss=None) -> int:
+        sample_hint: str, loss=None, snapshot=None, snapshot_every: int = 0) -> int:
     """Run training with a progress bar, log metrics.jsonl, save every checkpoint_every steps and on Ctrl-C.
 
     Args:
@@ -69,6 +69,7 @@ def fit(state, data, model_cfg, train_cfg, out: Path, save, *, resume: bool, sav
         resume: continuing a saved run: metrics.jsonl keeps its lines up to the state's step.
         resume_hint, sample_hint: the commands printed for continuing the run and sampling from it.
         loss: the step's loss (default minilm.train.loss_fn; lora.loss_fn trains adapters).
+        snapshot: snapshot(state) keeps what trains, called every `snapshot_every` steps and at the last.
     Returns:
         the exit status: 0 when every step ran, 130 when Ctrl-C stopped the run (after saving).
     """
@@ -110,6 +111,8 @@ def fit(state, data, model_cfg, train_cfg, out: Path, save, *, resume: bool, sav
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", eval=f"{eval_loss:.3f}",
                                 tok_s=f"{metrics.get('tokens_per_s', 0):,.0f}")
                 bar.update(1)
+                if snapshot and (state.step % snapshot_every == 0 or state.step == train_cfg.steps):
+                    snapshot(state)
                 if stop or state.step % train_cfg.checkpoint_every == 0 or state.step == train_cfg.steps:
                     save(state)
                     saved_step = state.step
