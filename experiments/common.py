@@ -185,3 +185,47 @@ def fmt(x, digits: int = 3) -> str:
 def stack(measured: list[dict]) -> dict[str, dict[str, list[float]]]:
     """Per-seed {measurement: {model: value}} -> {measurement: {model: [value per seed]}}."""
     return {k: {n: [one[k][n] for one in measured] for n in measured[0][k]} for k in measured[0]}
+
+
+# ---------------------------------------------------------------- experiments 02-05 over seeds (issue 16)
+
+
+def seeds_or(args, default: int) -> list[int]:
+    """`seed_list`, with `default` seeds (not 5) when --seeds is not given and the run is not --quick:
+    experiments 02-05 train many more models per seed than the demo, so 3 is their default."""
+    if args.seeds is None and not args.quick:
+        args = argparse.Namespace(**{**vars(args), "seeds": default})
+    return seed_list(args)
+
+
+def over_seeds(seeds: list[int], run_one) -> list:
+    """`run_one(seed)` for every seed, in this process (so each program compiles once) -> results in seed order."""
+    results = []
+    for i, seed in enumerate(seeds):
+        print(f"seed {seed} ({i + 1} of {len(seeds)})", flush=True)
+        results.append(run_one(seed))
+    return results
+
+
+def verdicts_record(claims: list[dict]) -> dict:
+    """What metrics.json says about the verdicts: how many, at which family-wise α, corrected how."""
+    from minilm.analysis.seeds import ALPHA
+    return {"count": sum(len(c["findings"]) for c in claims), "alpha": ALPHA, "correction": "Holm step-down",
+            "interval": "95% Student t over seeds"}
+
+
+def claims_blocks(claims: list[dict], seeds: list[int]) -> list:
+    """The page's claims table (with how the verdicts were reached) and every seed's value per claim."""
+    from minilm import report
+    return [("Claims, over seeds", report.claims_html(claims, seeds)
+             + f"<p>Every figure and table below shows seed {seeds[0]} alone; every seed's numbers are in "
+               "metrics.json (per_seed, claims[].findings).</p>"),
+            ("Every seed's value and the interval, per claim", ("claims", report.fig_findings(claims)))]
+
+
+def verdict_lines(claims: list[dict], seeds: list[int]) -> list[str]:
+    """One line per claim (its verdict), then how many verdicts, for the terminal and metrics["summary"]."""
+    from minilm.analysis.seeds import ALPHA
+    n = verdicts_record(claims)["count"]
+    return ([f"{i + 1}. {c['claim']} -> {c['verdict']}" for i, c in enumerate(claims)]
+            + [f"{n} verdicts, Holm-corrected (family-wise α {ALPHA:g}), over {len(seeds)} seeds"])
