@@ -113,7 +113,8 @@ def measure(metrics: dict) -> dict[str, dict[str, float]]:
                            "effective_rank_share")}
     for rule in rules:
         out["loss_gain"][rule] = _at(runs, rule, mid, "finetune_loss") - _at(runs, rule, hi, "finetune_loss")
-        out["update_growth"][rule] = float(np.log(_at(runs, rule, hi, "update_norm") / _at(runs, rule, lo, "update_norm")))
+        growth = _at(runs, rule, hi, "update_norm") / _at(runs, rule, lo, "update_norm")
+        out["update_growth"][rule] = float(np.log(growth))
         out["intruder_change"][rule] = float(_at(runs, rule, hi, "intruders") - _at(runs, rule, lo, "intruders"))
         out["amplification_drop"][rule] = _at(runs, rule, lo, "amplification") - _at(runs, rule, hi, "amplification")
         out["effective_rank_share"][rule] = _at(runs, rule, hi, "effective_rank") / hi
