@@ -154,12 +154,17 @@ def claim_forgetting(m, ranks):
 
 def claim_intruders(m, ranks):
     return {"claim": f"Higher rank, fewer intruder dimensions (Shuttleworth et al. 2024): the count at R = {ranks[-1]} "
-                     f"minus the count at R = {ranks[0]} < 0 under every rule; and the count tracks the update's size "
-                     f"(Spearman with ||ΔW||_F > {RHO}).",
-            "findings": [*(seeds.finding(rule, m["intruder_change"][rule], 0.0, above=False) for rule in RULES),
-                         seeds.finding("tracks ||ΔW||_F", m["intruders_rho"]["all runs"], RHO)],
+                     f"minus the count at R = {ranks[0]} < 0, under every rule.",
+            "findings": [seeds.finding(rule, m["intruder_change"][rule], 0.0, above=False) for rule in RULES],
             "note": "Shuttleworth et al.'s intruders come from a pretrained matrix with a few dominant directions; "
-                    "a tiny base's spectrum is nearly flat, so a large update can rotate its top directions."}
+                    "a tiny base's spectrum is nearly flat (experiment 01 reports its spectral gaps), so a large "
+                    "update can rotate its top directions."}
+
+
+def claim_intruders_track(m, ranks):
+    return {"claim": f"The intruder count tracks the update's size: its rank correlation (Spearman, over the distinct "
+                     f"runs of a seed) with ||ΔW||_F > {RHO}.",
+            "findings": [seeds.finding("all runs", m["intruders_rho"]["all runs"], RHO)], "note": ""}
 
 
 def claim_amplification(m, ranks):
@@ -177,8 +182,8 @@ def claim_effective_rank(m, ranks):
             "note": ""}
 
 
-CLAIMS = (claim_rslora, claim_update_grows, claim_forgetting, claim_intruders, claim_amplification,
-          claim_effective_rank)
+CLAIMS = (claim_rslora, claim_update_grows, claim_forgetting, claim_intruders, claim_intruders_track,
+          claim_amplification, claim_effective_rank)
 
 
 def judge(per_seed: dict, ranks) -> list[dict]:
