@@ -142,7 +142,8 @@ def claim_lora(m):
                      "of the improvement, and more than the truncation to rank k that changes the same matrices "
                      "(rest as base): recovered share, LoRA minus truncation > 0.",
             "findings": [seeds.finding("LoRA, largest k", m["recovery"]["LoRA, largest k"], RECOVERY),
-                         seeds.finding("largest k", m["lora_minus_truncated"]["largest k"], 0.0)],
+                         seeds.finding("LoRA minus truncation, largest k", m["lora_minus_truncated"]["largest k"],
+                                       0.0)],
             "note": f"LoRA trains at lr {LORA_LR:g}, full fine-tuning at its own; neither was tuned here."}
 
 

@@ -104,9 +104,9 @@ def test_04_constructed_numbers_decide_what_they_should(exp04):
     assert verdicts(module.judge(per_seed), 2) == {"rest fine-tuned, k = D/4": "true", "rest as base, k = D/4": "false"}
     # LoRA better than the truncation on one seed and worse on the other: not settled; worse on both: false
     per_seed["lora_minus_truncated"]["largest k"] = [0.2, -0.2]
-    assert verdicts(module.judge(per_seed), 3)["largest k"] == NOT_SETTLED
+    assert verdicts(module.judge(per_seed), 3)["LoRA minus truncation, largest k"] == NOT_SETTLED
     per_seed["lora_minus_truncated"]["largest k"] = [-0.2, -0.2000001]
-    assert verdicts(module.judge(per_seed), 3)["largest k"] == "false"
+    assert verdicts(module.judge(per_seed), 3)["LoRA minus truncation, largest k"] == "false"
     # ΔW points back along W0 on both seeds: true; along W0 on both: false
     per_seed["cos_with_w0"]["median"] = [-0.5, -0.5000001]
     assert module.judge(per_seed)[3]["verdict"] == "true"
