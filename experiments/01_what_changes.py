@@ -390,7 +390,7 @@ def fig_tradeoff(losses, names, matched: float) -> Figure:
 
 
 def main(argv=None) -> int:
-    args = common.parser(__doc__.splitlines()[0], "runs/01_what_changes", seeds=True).parse_args(argv)
+    args = common.parser(__doc__.splitlines()[0], "runs/01_what_changes", seeds=5).parse_args(argv)
     started = time.perf_counter()
     seed_list = common.seed_list(args)
     print(f"{len(seed_list)} seeds ({', '.join(map(str, seed_list))}) in {min(args.workers, len(seed_list))} "

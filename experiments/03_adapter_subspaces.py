@@ -19,16 +19,19 @@ seed (which changes A's random start and the order of the batches, not the base)
 
 in three lenses: the trained A (Hu et al.'s), the top-R input directions of ΔW = s·A B (what the
 adapter actually uses: B weighs A's directions), and, as a control, the two A's at initialisation.
-Every summary sentence is computed from the numbers in metrics.json.
+Over seeds (minilm/analysis/seeds.py): the whole pipeline (corpus, base, adapters, batches) runs once per
+seed, all in one process; each claim is "true" or "false" only when the Student-t test over seeds,
+Holm-corrected over all the report's findings, decides it against the threshold in its text, otherwise
+"not settled by N seeds". The figures and tables show the first seed.
 
-    python experiments/03_adapter_subspaces.py            # ~1–2 minutes on 2 CPU cores
-    python experiments/03_adapter_subspaces.py --quick    # seconds: the pipeline end to end
+    python experiments/03_adapter_subspaces.py                # 3 seeds
+    python experiments/03_adapter_subspaces.py --seeds 3,7,11 # those seeds
+    python experiments/03_adapter_subspaces.py --quick        # seconds: the pipeline end to end, 2 seeds
 """
 
 from __future__ import annotations
 
 import dataclasses
-import html
 import sys
 import time
 from pathlib import Path
@@ -42,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `common`, next t
 import common
 
 import lora
-from minilm.analysis import weights
+from minilm.analysis import seeds, weights
 from minilm.config import LORA_LR
 
 TARGETS = ("attn.q", "attn.v")
@@ -108,58 +111,70 @@ def pair_summary(matrices: dict) -> dict:
     return out
 
 
-# ---------------------------------------------------------------- what it shows
+# ---------------------------------------------------------------- one seed's numbers, and the claims
+
+KINDS = {"same seed, different rank": "ranks", "same rank, different seed": "seeds"}  # short labels
 
 
-def _level(phi: float, baseline: float) -> str:
-    if phi >= STRONG:
-        return "strong"
-    return "above chance" if phi >= ABOVE_CHANCE * baseline else "at chance"
-
-
-def summarize(metrics: dict) -> list[str]:
-    """The summary sentences, computed from metrics["pairs"] and metrics["runs"] and nothing else."""
-    out = []
-    levels = {}
-    for pair, result in metrics["pairs"].items():
-        s = pair_summary(result["matrices"])
-        base = s["baseline"]
-        k = base["k"]
-        parts = []
-        for lens in ("A", "delta"):
-            levels[(pair, lens)] = _level(s[lens]["top1"], base["top1"])
-            parts.append(f"{LENSES[lens]}: φ(1,1) = {s[lens]['top1']:.3f} ({s[lens]['top1'] / base['top1']:.1f}× "
-                         f"random, {levels[(pair, lens)]}), mean φ(i,j≤{k}) = {s[lens]['top_k']:.3f} "
-                         f"({s[lens]['top_k'] / base['top_k']:.1f}× random)")
-        out.append(f"{pair} ({result['kind']}), mean over the {len(result['matrices'])} adapted matrices — "
-                   + "; ".join(parts) + f". Random subspaces: φ(1,1) = {base['top1']:.3f}, mean φ(i,j≤{k}) = "
-                   f"{base['top_k']:.3f}; the two A's at initialisation: φ(1,1) = {s['init']['top1']:.3f}, "
-                   f"mean φ(i,j≤{k}) = {s['init']['top_k']:.3f}.")
-    moved = {name: r["a_moved"] for name, r in metrics["runs"].items()}
-    out.append("Training moved each A by " + ", ".join(f"{100 * v:.0f}% ({n})" for n, v in moved.items())
-               + " of its initial norm (mean over matrices), so what the trained A's share is "
-               + ("mostly learned, not inherited from their random starts." if min(moved.values()) >= 0.5 else
-                  "partly still their random starts: the ΔW lens, which weighs A's directions by B, is the "
-                  "cleaner measure of what was learned."))
-    strong = [p for p in metrics["pairs"] if levels[(p, "A")] == "strong"]
-    strong_delta = [p for p in metrics["pairs"] if levels[(p, "delta")] == "strong"]
-    everywhere = len(strong) == len(metrics["pairs"])
-    out.append(f"Hu et al. found the top direction shared strongly (φ(1,1) > {STRONG}) across ranks and across "
-               "seeds. Ours, in their lens (A): " + ("yes, for both pairs" if everywhere else
-                                                      f"only for {', '.join(strong)}" if strong else "no")
-               + "; in the ΔW lens: " + ("yes, for both pairs" if len(strong_delta) == len(metrics["pairs"]) else
-                                         f"only for {', '.join(strong_delta)}" if strong_delta else "no") + ".")
-    seeds = next((p for p, r in metrics["pairs"].items() if r["kind"] == "same rank, different seed"), None)
-    if seeds is not None:
-        by_kind = {}
-        for name, m in metrics["pairs"][seeds]["matrices"].items():
-            grid = np.asarray(m["A"])
-            k = pair_summary(metrics["pairs"][seeds]["matrices"])["A"]["k"]
-            by_kind.setdefault(name.split(".")[-2], []).append(float(grid[:k, :k].mean()))
-        out.append(f"Across seeds, per kind of matrix (mean φ(i,j≤{k}) of A): " + ", ".join(
-            f"W{kind}: {np.mean(v):.3f}" for kind, v in sorted(by_kind.items()))
-            + " (Hu et al. found more shared directions for Wq than for Wv).")
+def measure(metrics: dict) -> dict[str, dict[str, float]]:
+    """One seed's numbers that the claims read, {measurement: {label: value}}; nothing else is kept."""
+    moved = float(np.mean([r["a_moved"] for r in metrics["runs"].values()]))
+    out = {"top1": {}, "top1_over_random": {}, "a_moved": {"mean over adapters": moved}}
+    for result in metrics["pairs"].values():
+        s, kind = pair_summary(result["matrices"]), KINDS[result["kind"]]
+        for lens in LENSES:
+            out["top1"][f"{kind}, {lens}"] = s[lens]["top1"]
+            out["top1_over_random"][f"{kind}, {lens}"] = s[lens]["top1"] / s["baseline"]["top1"]
+        if kind == "seeds":  # Hu et al. compared Wq and Wv across seeds
+            by_kind = {}
+            for name, m in result["matrices"].items():
+                k = s["A"]["k"]
+                by_kind.setdefault(name.split(".")[-2], []).append(float(np.asarray(m["A"])[:k, :k].mean()))
+            out["wq_minus_wv"] = {"seeds, A": float(np.mean(by_kind["q"]) - np.mean(by_kind["v"]))}
     return out
+
+
+# Each claim reads {measurement: {label: [one value per seed]}} and names the findings it rests on, each against
+# a threshold fixed in its text; `judge` settles all findings of the report together (Holm).
+
+
+def claim_strong(m):
+    return {"claim": f"The top direction is shared strongly (Hu et al. 2021 §7.2): φ(1,1) > {STRONG}, mean over the "
+                     "adapted matrices, across ranks (same seed) and across seeds (same rank), in Hu et al.'s lens (A) "
+                     "and in the ΔW lens.",
+            "findings": [seeds.finding(f"{kind}, {lens}", m["top1"][f"{kind}, {lens}"], STRONG)
+                         for kind in KINDS.values() for lens in ("A", "delta")],
+            "note": "Training moved each A by " + f"{100 * np.mean(m['a_moved']['mean over adapters']):.0f}% of its "
+                    "initial norm (mean over adapters and seeds): the A lens partly still shows random starts; the ΔW "
+                    "lens weighs A's directions by B. Hu et al.'s matrices are 12,288 wide, ours 64."}
+
+
+def claim_above_chance(m):
+    return {"claim": "The top direction is shared above chance: φ(1,1) over the random baseline's > "
+                     f"{ABOVE_CHANCE:g}.",
+            "findings": [seeds.finding(f"{kind}, {lens}", m["top1_over_random"][f"{kind}, {lens}"], ABOVE_CHANCE)
+                         for kind in KINDS.values() for lens in ("A", "delta")], "note": ""}
+
+
+def claim_control(m):
+    return {"claim": f"Negative control: the two A's at initialisation share no more than chance (φ(1,1) over the "
+                     f"random baseline's < {ABOVE_CHANCE:g}).",
+            "findings": [seeds.finding(f"{kind}, init", m["top1_over_random"][f"{kind}, init"], ABOVE_CHANCE,
+                                       above=False) for kind in KINDS.values()], "note": ""}
+
+
+def claim_wq_wv(m):
+    return {"claim": "Across seeds, Wq's adapters share more directions than Wv's (Hu et al. §7.2): mean "
+                     f"φ(i,j≤{TOP}) of A, Wq minus Wv > 0.",
+            "findings": [seeds.finding("seeds, A", m["wq_minus_wv"]["seeds, A"], 0.0)], "note": ""}
+
+
+CLAIMS = (claim_strong, claim_above_chance, claim_control, claim_wq_wv)
+
+
+def judge(per_seed: dict) -> list[dict]:
+    """Every claim's verdict from per-seed numbers, Holm-corrected over all of the report's findings."""
+    return seeds.judge([c(per_seed) for c in CLAIMS])
 
 
 # ---------------------------------------------------------------- figures
@@ -206,21 +221,19 @@ def pair_table(result: dict) -> str:
 # ---------------------------------------------------------------- the experiment
 
 
-def main(argv=None) -> int:
-    args = common.parser(__doc__.splitlines()[0], "runs/03_adapter_subspaces").parse_args(argv)
-    started = time.perf_counter()
-    s = common.setup(args.quick, args.seed)
+def run_seed(seed: int, quick: bool) -> dict:
+    """One seed's pipeline: its base and three adapters, compared in pairs -> the metrics of that seed."""
+    s = common.setup(quick, seed)
     base, model_cfg, base_data, ft_data = common.base_and_bindings(s)
-
     found, run_metrics = {}, {}
-    for name, rank, seed in runs(args.quick, args.seed):
-        cfg, train_cfg = lora_config(rank), dataclasses.replace(s.finetune, lr=LORA_LR, seed=seed)
+    for name, rank, ft_seed in runs(quick, seed):
+        cfg, train_cfg = lora_config(rank), dataclasses.replace(s.finetune, lr=LORA_LR, seed=ft_seed)
         tuned = common.finetune(name, base, ft_data, model_cfg, train_cfg, cfg)
         initial = initial_adapters(base, cfg, train_cfg)
         found[name] = directions(tuned, initial)
         moved = [np.linalg.norm(np.asarray(w.lora_a) - initial[n]) / np.linalg.norm(initial[n])
                  for n, w in lora.lora_weights(tuned.adapted).items()]
-        run_metrics[name] = {"rank": rank, "seed": seed, "alpha": cfg.alpha, "trainable": tuned.trainable,
+        run_metrics[name] = {"rank": rank, "seed": ft_seed, "alpha": cfg.alpha, "trainable": tuned.trainable,
                              "finetune_loss": common.eval_loss(tuned.params, ft_data, model_cfg),
                              "a_moved": float(np.mean(moved))}
     results = {}
@@ -228,25 +241,35 @@ def main(argv=None) -> int:
         first, second = pair.split(" vs ")
         matrices = compare_pair(found[first], found[second])
         results[pair] = {"kind": kind, "matrices": matrices, "summary": pair_summary(matrices)}
+    return {"setup": {"targets": list(TARGETS), "width": model_cfg.width, "steps": s.finetune.steps,
+                      "batch_size": s.finetune.batch_size, "pretrain_steps": s.pretrain.steps, "lr": LORA_LR,
+                      "top": TOP, "strong": STRONG, "above_chance": ABOVE_CHANCE, "seed": seed},
+            "base_finetune_loss": common.eval_loss(base, ft_data, model_cfg), "runs": run_metrics, "pairs": results}
 
-    metrics = {"setup": {"targets": list(TARGETS), "width": model_cfg.width, "steps": s.finetune.steps,
-                         "lr": LORA_LR, "top": TOP, "strong": STRONG, "above_chance": ABOVE_CHANCE},
-               "base_finetune_loss": common.eval_loss(base, ft_data, model_cfg),
-               "runs": run_metrics, "pairs": results}
-    metrics["summary"] = summarize(metrics)
+
+def main(argv=None) -> int:
+    args = common.parser(__doc__.splitlines()[0], "runs/03_adapter_subspaces", seeds=3).parse_args(argv)
+    started = time.perf_counter()
+    seed_list = common.seed_list(args)
+    per_seed_metrics = common.over_seeds(run_seed, seed_list, args.quick, workers=args.workers)
+    shown = per_seed_metrics[0]  # the figures and tables show the first seed in detail
+    per_seed = common.stack([measure(one) for one in per_seed_metrics])
+    claims = judge(per_seed)
+    metrics = {**shown, "seeds": seed_list, "shown_seed": seed_list[0], "per_seed": per_seed, "claims": claims,
+               "verdicts": common.verdicts_record(claims), "summary": common.verdict_lines(claims, seed_list)}
     metrics["seconds"] = time.perf_counter() - started
 
+    st, run_metrics = shown["setup"], shown["runs"]
     note = (f"<p>LoRA on <code>attn.q</code> and <code>attn.v</code> of both blocks, alpha = 2R (scale 2 at every "
-            f"rank), {s.finetune.steps} steps of batch {s.finetune.batch_size} at learning rate {LORA_LR:g}, on a base "
-            f"pretrained for {s.pretrain.steps} steps (width d = {model_cfg.width}). A verdict is 'strong' at "
-            f"φ ≥ {STRONG} and 'above chance' at ≥ {ABOVE_CHANCE:g}× the random baseline.</p>")
+            f"rank), {st['steps']} steps of batch {st['batch_size']} at learning rate {LORA_LR:g}, on a base "
+            f"pretrained for {st['pretrain_steps']} steps (width d = {st['width']}). The pair 'across seeds' "
+            "fine-tunes the same base with the next seed (A's start and the batch order change).</p>")
     runs_table = common.table(["adapter", "rank", "seed", "trainable", "bindings loss",
                                "A moved (‖A−A0‖/‖A0‖)"],
                               [(n, r["rank"], r["seed"], r["trainable"], common.fmt(r["finetune_loss"]),
                                 common.fmt(r["a_moved"])) for n, r in run_metrics.items()])
-    blocks = [("What it shows", "<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in metrics["summary"])
-               + "</ul>" + note + runs_table)]
-    for i, (pair, result) in enumerate(results.items()):
+    blocks = [*common.claims_blocks(claims, seed_list), (f"How it was run (seed {seed_list[0]})", note + runs_table)]
+    for i, (pair, result) in enumerate(shown["pairs"].items()):
         blocks.append((f"{pair} ({result['kind']})", (f"pair{i + 1}", fig_pair(pair, result))))
         blocks.append((None, pair_table(result)))
     common.publish(args.out, "03 — Do two adapters learn the same directions?", blocks, metrics)

@@ -5,16 +5,21 @@ fine-tuning achieved survives when every block matrix's change ΔW = W − W0 is
 (W0 + [ΔW]_k, with [ΔW]_k the top k singular triplets of ΔW: Eckart & Young 1936). Beside each k, LoRA
 on every block matrix at rank k (Hu et al. 2021, arXiv 2106.09685), trained for the same number of
 steps: the best rank-k approximation of the change full fine-tuning found, against the rank-k change
-that training finds by itself. Every sentence of the summary is computed from metrics.json.
+that training finds by itself.
 
-    python experiments/04_how_lowrank_is_full.py            # ~2–3 minutes on 2 CPU cores
-    python experiments/04_how_lowrank_is_full.py --quick    # seconds: the pipeline end to end
+Over seeds (minilm/analysis/seeds.py): the whole pipeline (corpus, base, fine-tunes, batches) runs once per
+seed, all in one process; each claim is "true" or "false" only when the Student-t test over seeds,
+Holm-corrected over all the report's findings, decides it against the threshold in its text, otherwise
+"not settled by N seeds". The figures and tables show the first seed.
+
+    python experiments/04_how_lowrank_is_full.py                # 3 seeds
+    python experiments/04_how_lowrank_is_full.py --seeds 3,7,11 # those seeds
+    python experiments/04_how_lowrank_is_full.py --quick        # seconds: the pipeline end to end, 2 seeds
 """
 
 from __future__ import annotations
 
 import dataclasses
-import html
 import sys
 import time
 from pathlib import Path
@@ -29,13 +34,15 @@ import common  # noqa: E402
 
 import lora  # noqa: E402
 from minilm import report  # noqa: E402
-from minilm.analysis import weights  # noqa: E402
+from minilm.analysis import seeds, weights  # noqa: E402
 from minilm.config import LORA_LR  # noqa: E402
 from minilm.tree import fill, named_leaves  # noqa: E402
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)   # capped at the full rank of the block matrices (the width D)
 QUICK_LORA_RANKS = (1, 8)          # --quick trains LoRA at two ranks only: each rank is a new compilation
 RECOVERY = 0.9                     # "recovers" = at least this share of full fine-tuning's loss improvement
+LOW_RANK = 0.25                    # a median rank share below this is "low-rank" (as in experiment 01)
+SHRINKS = -0.1                     # a median cos(ΔW, W0) below this "points back along W0"
 MATRIX_TYPES = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.fc", "mlp.proj")
 
 
@@ -85,59 +92,73 @@ def matrix_stats(w0: np.ndarray, w: np.ndarray) -> dict:
             "capture": weights.lowrank_capture(delta).tolist()}
 
 
-# ---------------------------------------------------------------- the summary, from metrics alone
+# ---------------------------------------------------------------- one seed's numbers, and the claims
 
 
-def summary(m: dict) -> list[str]:
-    """The report's paragraph as sentences, computed from metrics.json and nothing else."""
-    ranks, lora_ranks, L = m["ranks"], m["lora_ranks"], m["losses"]
-    base, full = L["base"], L["full"]
-    full_rank = m["full_rank"]
-    rec = {kind: [recovery(x, base, full) for x in L[kind]] for kind in ("rest_tuned", "rest_base", "lora")}
+def measure(m: dict) -> dict[str, dict[str, float]]:
+    """One seed's numbers that the claims read, {measurement: {label: value}}; nothing else is kept."""
+    L, ranks, lora_ranks, full_rank = m["losses"], m["ranks"], m["lora_ranks"], m["full_rank"]
+    quarter, last = full_rank // 4, lora_ranks[-1]
 
-    def at(kind, k):
-        return rec[kind][(lora_ranks if kind == "lora" else ranks).index(k)]
+    def rec(kind, k):
+        return recovery(L[kind][(lora_ranks if kind == "lora" else ranks).index(k)], L["base"], L["full"])
 
-    def reach(kind):
-        k = first_recovering(lora_ranks if kind == "lora" else ranks, L[kind], base, full)
-        if k is not None:
-            return f"from k = {k} (of {full_rank}) on, at {100 * at(kind, k):.0f}%"
-        best = int(np.argmax(rec[kind]))
-        best_k = (lora_ranks if kind == "lora" else ranks)[best]
-        return f"at no k tested (at best {100 * rec[kind][best]:.1f}%, at k = {best_k})"
+    matrices = m["matrices"].values()
+    return {"rank_share": {"90%-energy rank": float(np.median([r["energy_rank_90"] for r in matrices])) / full_rank,
+                           "effective rank": float(np.median([r["effective_rank"] for r in matrices])) / full_rank},
+            "recovery": {"rest fine-tuned, k = D/4": rec("rest_tuned", quarter),
+                         "rest as base, k = D/4": rec("rest_base", quarter), "LoRA, largest k": rec("lora", last)},
+            "lora_minus_truncated": {"largest k": rec("lora", last) - rec("rest_base", last)},
+            "cos_with_w0": {"median": float(np.median([r["cos_with_w0"] for r in matrices]))},
+            "improvement": {"full": L["base"] - L["full"]}}
 
-    out = [(f"Full fine-tuning lowered the bindings loss from {base:.3f} (base) to {full:.3f}; "
-            f"'recovering' means reaching at least {100 * RECOVERY:.0f}% of that improvement.")]
-    ranks_90 = [r["energy_rank_90"] for r in m["matrices"].values()]
-    share = float(np.median(ranks_90)) / full_rank
-    out.append(f"By energy its changes to the {len(ranks_90)} block matrices are "
-               f"{'low-rank' if share < 0.25 else 'not low-rank'}: 90% of ||ΔW||² needs a median rank of "
-               f"{np.median(ranks_90):g} of {full_rank} ({100 * share:.0f}%; range {min(ranks_90)}–{max(ranks_90)}; "
-               f"'low-rank' means under 25%).")
-    out.append(f"Cutting every block-matrix change to its best rank k while keeping every other parameter as "
-               f"fully fine-tuned recovers the improvement {reach('rest_tuned')}; at k = {ranks[0]} it recovers "
-               f"{100 * at('rest_tuned', ranks[0]):.0f}%.")
-    out.append(f"With the other parameters (embeddings, biases, LayerNorms) left at their base values, the same "
-               f"truncation recovers it {reach('rest_base')}; the block-matrix changes alone, at full rank "
-               f"k = {ranks[-1]}, reach {100 * at('rest_base', ranks[-1]):.0f}%.")
-    shared = [k for k in lora_ranks if k in ranks]
-    better = [k for k in shared if L["lora"][lora_ranks.index(k)] < L["rest_base"][ranks.index(k)]]
-    worse = [k for k in shared if k not in better]
-    listed = lambda ks: ", ".join(map(str, ks))  # noqa: E731
-    verdict = (f"better at every k ({listed(better)})" if not worse else
-               f"worse at every k ({listed(worse)})" if not better else
-               f"better at k = {listed(better)} and worse at k = {listed(worse)}")
-    last = lora_ranks[-1]
-    out.append(f"LoRA on all linear layers, trained for the same {m['steps']} steps, recovers it {reach('lora')}. "
-               f"Against the truncation that changes exactly the same matrices (rest as base) it does {verdict}; "
-               f"at k = {last}: LoRA {100 * at('lora', last):.1f}%, truncated {100 * at('rest_base', last):.1f}% "
-               f"(rest fine-tuned: {100 * at('rest_tuned', last):.1f}%).")
-    cos = float(np.median([r["cos_with_w0"] for r in m["matrices"].values()]))
-    out.append(f"Median cos(ΔW, W0) over the block matrices is {cos:+.2f}"
-               + (": part of each change points back along W0 (AdamW's weight decay shrinks every matrix), and that "
-                  "part has W0's own, high-rank spectrum." if cos < -0.1 else
-                  ": the changes are not dominated by a shrinking of W0 (weight decay)."))
-    return out
+
+# Each claim reads {measurement: {label: [one value per seed]}} and names the findings it rests on, each against
+# a threshold fixed in its text; `judge` settles all findings of the report together (Holm).
+
+
+def claim_low_rank(m):
+    return {"claim": f"Full fine-tuning's change is low-rank: the median over block matrices of ΔW's rank, as a share "
+                     f"of full rank D, is below {LOW_RANK:.0%}, by 90% energy and by effective rank (Roy & Vetterli).",
+            "findings": [seeds.finding(label, m["rank_share"][label], LOW_RANK, above=False)
+                         for label in ("90%-energy rank", "effective rank")],
+            "note": "The two measures can disagree: energy rank counts the directions that hold 90% of ||ΔW||², "
+                    "effective rank the entropy of the whole spectrum, tail included."}
+
+
+def claim_truncation(m):
+    return {"claim": f"Cutting every block matrix's change to its best rank k = D/4 recovers at least {RECOVERY:.0%} "
+                     "of full fine-tuning's loss improvement, with the other parameters as fine-tuned and as in the "
+                     "base.",
+            "findings": [seeds.finding(label, m["recovery"][label], RECOVERY)
+                         for label in ("rest fine-tuned, k = D/4", "rest as base, k = D/4")],
+            "note": "Full fine-tuning lowered the bindings loss by "
+                    f"{np.mean(m['improvement']['full']):.3f} nats (mean over seeds): the recovered share divides "
+                    "by it."}
+
+
+def claim_lora(m):
+    return {"claim": f"LoRA at the largest rank k tested, trained for the same steps, recovers at least {RECOVERY:.0%} "
+                     "of the improvement, and more than the truncation to rank k that changes the same matrices "
+                     "(rest as base): recovered share, LoRA minus truncation > 0.",
+            "findings": [seeds.finding("LoRA, largest k", m["recovery"]["LoRA, largest k"], RECOVERY),
+                         seeds.finding("LoRA minus truncation, largest k", m["lora_minus_truncated"]["largest k"],
+                                       0.0)],
+            "note": f"LoRA trains at lr {LORA_LR:g}, full fine-tuning at its own; neither was tuned here."}
+
+
+def claim_weight_decay(m):
+    return {"claim": f"Part of each change points back along W0 (AdamW's weight decay shrinks every matrix): median "
+                     f"cos(ΔW, W0) over the block matrices < {SHRINKS}.",
+            "findings": [seeds.finding("median", m["cos_with_w0"]["median"], SHRINKS, above=False)], "note": ""}
+
+
+CLAIMS = (claim_low_rank, claim_truncation, claim_lora, claim_weight_decay)
+
+
+def judge(per_seed: dict) -> list[dict]:
+    """Every claim's verdict from per-seed numbers, Holm-corrected over all of the report's findings."""
+    return seeds.judge([c(per_seed) for c in CLAIMS])
 
 
 # ---------------------------------------------------------------- figures
@@ -192,10 +213,9 @@ def fig_loss(m: dict) -> Figure:
 # ---------------------------------------------------------------- the experiment
 
 
-def main(argv=None) -> int:
-    args = common.parser(__doc__.splitlines()[0], "runs/04_how_lowrank_is_full").parse_args(argv)
-    started = time.perf_counter()
-    s = common.setup(args.quick, args.seed)
+def run_seed(seed: int, quick: bool) -> dict:
+    """One seed's pipeline: its base, full fine-tuning, the truncated models and LoRA at each rank."""
+    s = common.setup(quick, seed)
     base, model_cfg, base_data, ft_data = common.base_and_bindings(s)
     full = common.finetune("full", base, ft_data, model_cfg, s.finetune)
 
@@ -211,7 +231,7 @@ def main(argv=None) -> int:
     for k in tqdm(ranks, desc="truncated models", leave=False):
         for rest in ("tuned", "base"):
             losses[f"rest_{rest}"].append(loss(truncated(base, full.params, svds, k, rest)))
-    lora_ranks = [k for k in (QUICK_LORA_RANKS if args.quick else ranks) if k <= full_rank]
+    lora_ranks = [k for k in (QUICK_LORA_RANKS if quick else ranks) if k <= full_rank]
     trainable = []
     for k in lora_ranks:
         cfg = lora.LoraConfig(rank=k, alpha=2 * k, targets=("all-linear",))  # scale alpha / R = 2 at every rank
@@ -224,12 +244,26 @@ def main(argv=None) -> int:
                       "capture": weights.lowrank_capture(np.asarray(named_leaves(full.params)[n], np.float64)
                                                          - np.asarray(x, np.float64)).tolist()}
                   for n, x in named_leaves(base).items() if n.startswith("embed.")}
-    metrics = {"ranks": ranks, "lora_ranks": lora_ranks, "full_rank": full_rank, "steps": s.finetune.steps,
-               "lr": {"full": s.finetune.lr, "lora": LORA_LR}, "losses": losses,
-               "trainable": {"full": full.trainable, "lora": trainable},
-               "matrices": {n: matrix_stats(w0s[n], ws[n]) for n in w0s}, "embeddings": embeddings}
-    metrics["summary"] = summary(metrics)
+    return {"seed": seed, "ranks": ranks, "lora_ranks": lora_ranks, "full_rank": full_rank,
+            "steps": s.finetune.steps, "pretrain_steps": s.pretrain.steps,
+            "lr": {"full": s.finetune.lr, "lora": LORA_LR},
+            "losses": losses, "trainable": {"full": full.trainable, "lora": trainable},
+            "matrices": {n: matrix_stats(w0s[n], ws[n]) for n in w0s}, "embeddings": embeddings}
+
+
+def main(argv=None) -> int:
+    args = common.parser(__doc__.splitlines()[0], "runs/04_how_lowrank_is_full", seeds=3).parse_args(argv)
+    started = time.perf_counter()
+    seed_list = common.seed_list(args)
+    per_seed_metrics = common.over_seeds(run_seed, seed_list, args.quick, workers=args.workers)
+    shown = per_seed_metrics[0]  # the figures and tables show the first seed in detail
+    per_seed = common.stack([measure(one) for one in per_seed_metrics])
+    claims = judge(per_seed)
+    metrics = {**shown, "seeds": seed_list, "shown_seed": seed_list[0], "per_seed": per_seed, "claims": claims,
+               "verdicts": common.verdicts_record(claims), "summary": common.verdict_lines(claims, seed_list)}
     metrics["seconds"] = time.perf_counter() - started
+    ranks, lora_ranks, losses = shown["ranks"], shown["lora_ranks"], shown["losses"]
+    trainable = shown["trainable"]["lora"]
 
     base_loss, full_loss = losses["base"], losses["full"]
     pct = lambda x: f"{100 * recovery(x, base_loss, full_loss):.0f}%"  # noqa: E731
@@ -241,26 +275,29 @@ def main(argv=None) -> int:
     matrix_rows = [(n, "x".join(map(str, r["shape"])), common.fmt(r["relative"]), r["energy_rank_90"],
                     common.fmt(r["effective_rank"]), f"{r['cos_with_w0']:+.3f}")
                    for n, r in metrics["matrices"].items()]
-    method = (f"<p>Base: {s.pretrain.steps} steps on <code>associations</code>. Full fine-tuning: "
-              f"{s.finetune.steps} steps on <code>bindings</code> at lr {s.finetune.lr:g} ({full.trainable} "
-              f"parameters). LoRA: every block matrix (all-linear), alpha = 2k, the same steps at lr {LORA_LR:g}. "
-              f"Losses: the mean over the same 16 held-out batches of bindings for every model.</p>"
+    first = f" (seed {seed_list[0]})"
+    method = (f"<p>Base: {shown['pretrain_steps']} steps on <code>associations</code>. Full fine-tuning: "
+              f"{shown['steps']} steps on <code>bindings</code> at lr {shown['lr']['full']:g} "
+              f"({shown['trainable']['full']} parameters). LoRA: every block matrix (all-linear), alpha = 2k, the "
+              f"same steps at lr {LORA_LR:g}. Losses: the mean over the same 16 held-out batches of bindings for every "
+              "model. D, the full rank of the block matrices, is the width "
+              f"({shown['full_rank']}).</p>"
               "<p>Two truncated models per k. <b>Rest fine-tuned</b> (the answer to the question): every block "
               "matrix is W0 + [ΔW]_k and every other parameter (embeddings, biases, LayerNorms) is as full "
               "fine-tuning left it, so all it drops is the part of each block matrix's change beyond rank k; "
-              f"at k = {full_rank} it is the fully fine-tuned model itself. <b>Rest as base</b> (the comparison "
-              "with LoRA): the same matrices, everything else as in the base. LoRA on all-linear changes exactly "
-              "these matrices and nothing else, so this pair compares two rank-k changes of the same matrices: "
-              "the best approximation (in Frobenius norm) of what full fine-tuning found, and what a rank-k "
-              "adapter finds when it is trained for the loss itself.</p>")
-    blocks = [("Summary", "<p>" + " ".join(html.escape(x) for x in metrics["summary"]) + "</p>"),
+              f"at k = {shown['full_rank']} it is the fully fine-tuned model itself. <b>Rest as base</b> (the "
+              "comparison with LoRA): the same matrices, everything else as in the base. LoRA on all-linear changes "
+              "exactly these matrices and nothing else, so this pair compares two rank-k changes of the same "
+              "matrices: the best approximation (in Frobenius norm) of what full fine-tuning found, and what a "
+              "rank-k adapter finds when it is trained for the loss itself.</p>")
+    blocks = [*common.claims_blocks(claims, seed_list),
               ("How it was measured", method),
-              ("How much of each change a rank-k matrix holds", ("capture", fig_capture(metrics))),
-              ("Fine-tuning loss against rank", ("loss_vs_rank", fig_loss(metrics))),
-              ("Losses and recovered share of the improvement",
+              ("How much of each change a rank-k matrix holds" + first, ("capture", fig_capture(metrics))),
+              ("Fine-tuning loss against rank" + first, ("loss_vs_rank", fig_loss(metrics))),
+              ("Losses and recovered share of the improvement" + first,
                common.table(["k", "truncated (rest fine-tuned)", "recovered", "truncated (rest as base)", "recovered",
                              "LoRA rank k", "recovered", "LoRA trainable"], rows)),
-              ("Each block matrix's change (full fine-tuning)",
+              ("Each block matrix's change (full fine-tuning)" + first,
                common.table(["matrix", "shape", "||ΔW|| / ||W0||", "90%-energy rank", "effective rank",
                              "cos(ΔW, W0)"], matrix_rows))]
     common.publish(args.out, "04 — How low-rank is full fine-tuning?", blocks, metrics)

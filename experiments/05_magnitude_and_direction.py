@@ -11,16 +11,21 @@ come with small magnitude changes, or the other way round), a positive one for L
 together), and a negative one, like full fine-tuning's, for DoRA. Here: pretrain a tiny GPT on
 `associations`, fine-tune it on `bindings` fully, with LoRA and with DoRA (the same LoRA config plus
 a trained magnitude), keep the weights every few steps, and measure the same thing on attn.q of every
-block. The summary's sentences are computed from metrics.json; no setting was tuned to agree.
+block. No setting was tuned to agree.
 
-    python experiments/05_magnitude_and_direction.py            # ~1–2 minutes on 2 CPU cores
-    python experiments/05_magnitude_and_direction.py --quick    # seconds: the pipeline end to end
+Over seeds (minilm/analysis/seeds.py): the whole pipeline (corpus, base, fine-tunes, batches) runs once per
+seed, all in one process; each claim is "true" or "false" only when the Student-t test over seeds,
+Holm-corrected over all the report's findings, decides it against the threshold in its text, otherwise
+"not settled by N seeds". The figure and tables show the first seed.
+
+    python experiments/05_magnitude_and_direction.py                # 3 seeds
+    python experiments/05_magnitude_and_direction.py --seeds 3,7,11 # those seeds
+    python experiments/05_magnitude_and_direction.py --quick        # seconds: the pipeline end to end, 2 seeds
 """
 
 from __future__ import annotations
 
 import dataclasses
-import html
 import sys
 import time
 from pathlib import Path
@@ -37,12 +42,14 @@ import common  # noqa: E402
 
 import lora  # noqa: E402
 from minilm import report, train  # noqa: E402
+from minilm.analysis import seeds  # noqa: E402
 from minilm.analysis.weights import magnitude_direction  # noqa: E402
 from minilm.config import LORA_LR  # noqa: E402
 from minilm.tree import combine, partition, size  # noqa: E402
 
 CHECKPOINTS = 10     # weights kept at this many evenly spaced steps (the paper plots four per layer)
 MATRIX = "attn.q"    # the paper analyses the query matrices of every layer
+GROWS = 0.5          # a step–ΔD (or ΔM) correlation above this is "grows as training goes on"
 MARKERS = ("o", "s", "^", "D", "v", "P")
 
 
@@ -97,58 +104,59 @@ def points_of(base, kept) -> list[dict]:
             for step, params in kept for i in range(len(base["blocks"]))]
 
 
-# ---------------------------------------------------------------- the summary, from metrics alone
+# ---------------------------------------------------------------- one seed's numbers, and the claims
 
 
-def summary(m: dict) -> list[str]:
-    """The report's paragraph as sentences, computed from metrics.json and nothing else."""
+def measure(m: dict) -> dict[str, dict[str, float]]:
+    """One seed's numbers that the claims read, {measurement: {method: value}}; nothing else is kept.
+
+    A correlation that is undefined (a constant ΔM or ΔD) is NaN here, and seeds.finding refuses it by name."""
     meth = m["methods"]
-    r = {name: meth[name]["pearson"] for name in meth}
-
-    def show(x):
-        return "undefined" if x is None else f"{x:+.2f}"
-
-    def sign(x):
-        return "undefined" if x is None else "negative" if x < 0 else "positive" if x > 0 else "zero"
-
-    n_points = len(meth["full"]["points"])
-    out = [(f"Pearson correlation between ΔM and ΔD over the {n_points} points of each method "
-            f"({m['checkpoints']} checkpoints × {m['layers']} layers, {MATRIX}): full fine-tuning {show(r['full'])}, "
-            f"LoRA {show(r['LoRA'])}, DoRA {show(r['DoRA'])}."),
-           ("Liu et al. (2024, §4.1) report a negative correlation for full fine-tuning, a positive one for LoRA, "
-            "and a negative one for DoRA, like full fine-tuning's.")]
-    checks = {"full": r["full"] is not None and r["full"] < 0,
-              "LoRA": r["LoRA"] is not None and r["LoRA"] > 0,
-              "DoRA": r["DoRA"] is not None and r["DoRA"] < 0}
-    nearer = None
-    if None not in (r["full"], r["LoRA"], r["DoRA"]):
-        nearer = "full fine-tuning's" if abs(r["DoRA"] - r["full"]) < abs(r["DoRA"] - r["LoRA"]) else "LoRA's"
-    out.append(f"Ours: full fine-tuning's is {sign(r['full'])} ({'as' if checks['full'] else 'unlike'} the paper), "
-               f"LoRA's is {sign(r['LoRA'])} ({'as' if checks['LoRA'] else 'unlike'} the paper), DoRA's is "
-               f"{sign(r['DoRA'])} ({'as' if checks['DoRA'] else 'unlike'} the paper)"
-               + (f" and nearer to {nearer}." if nearer else "."))
-    agree = sum(checks.values())
-    out.append("So the measurement matches the paper's finding." if agree == 3 else
-               "So the measurement does not match the paper's finding on any of the three." if agree == 0 else
-               f"So the measurement matches the paper on {agree} of the three "
-               f"({', '.join(k for k, v in checks.items() if v)}) and not on "
-               f"{', '.join(k for k, v in checks.items() if not v)}.")
-    trend = {name: (pearson([p["step"] for p in meth[name]["points"]], [p["dD"] for p in meth[name]["points"]]),
-                    pearson([p["step"] for p in meth[name]["points"]], [p["dM"] for p in meth[name]["points"]]))
-             for name in meth}
-    grow = all(x is not None and x > 0.5 for pair in trend.values() for x in map(finite_or_none, pair))
-    out.append("Correlation of the training step with ΔD and with ΔM: "
-               + "; ".join(f"{name} {show(finite_or_none(d))}, {show(finite_or_none(mm))}"
-                           for name, (d, mm) in trend.items())
-               + (": in every method both grow as training goes on, so a scatter over checkpoints mixes that "
-                  "shared growth with any trade-off between them." if grow else "."))
-    last = {name: [p for p in meth[name]["points"] if p["step"] == m["steps"]] for name in meth}
-    out.append("At the last step (mean over layers): " + "; ".join(
-        f"{name} ΔD {np.mean([p['dD'] for p in pts]):.2g}, ΔM {np.mean([p['dM'] for p in pts]):.2g}"
-        for name, pts in last.items())
-        + f". Bindings loss: base {m['base_loss']:.3f}, "
-        + ", ".join(f"{name} {meth[name]['loss']:.3f}" for name in meth) + ".")
+    r = {name: float("nan") if meth[name]["pearson"] is None else meth[name]["pearson"] for name in meth}
+    out = {"pearson": r, "dora_nearer_full": {"DoRA": abs(r["DoRA"] - r["LoRA"]) - abs(r["DoRA"] - r["full"])},
+           "step_vs_dD": {}, "step_vs_dM": {}}
+    for name, x in meth.items():
+        steps = [p["step"] for p in x["points"]]
+        out["step_vs_dD"][name] = pearson(steps, [p["dD"] for p in x["points"]])
+        out["step_vs_dM"][name] = pearson(steps, [p["dM"] for p in x["points"]])
     return out
+
+
+# Each claim reads {measurement: {method: [one value per seed]}} and names the findings it rests on, each against
+# a threshold fixed in its text; `judge` settles all findings of the report together (Holm).
+
+
+def claim_paper(m):
+    return {"claim": f"Liu et al. 2024 (DoRA §4.1): Pearson's r between ΔM and ΔD over checkpoints and layers of "
+                     f"{MATRIX} is negative for full fine-tuning (< 0), positive for LoRA (> 0), negative for DoRA "
+                     "(< 0).",
+            "findings": [seeds.finding("full", m["pearson"]["full"], 0.0, above=False),
+                         seeds.finding("LoRA", m["pearson"]["LoRA"], 0.0),
+                         seeds.finding("DoRA", m["pearson"]["DoRA"], 0.0, above=False)],
+            "note": "The paper fine-tuned billion-parameter models for thousands of steps; here a 64-wide attn.q for a "
+                    "few hundred, where both ΔM and ΔD mostly grow with the step (claim 3)."}
+
+
+def claim_dora_nearer(m):
+    return {"claim": "DoRA's correlation is nearer full fine-tuning's than LoRA's: |r_DoRA − r_LoRA| − "
+                     "|r_DoRA − r_full| > 0.",
+            "findings": [seeds.finding("DoRA", m["dora_nearer_full"]["DoRA"], 0.0)], "note": ""}
+
+
+def claim_growth(m):
+    return {"claim": "Both ΔD and ΔM grow as training goes on: Pearson's r of the training step with ΔD and with "
+                     f"ΔM > {GROWS}, for every method (a scatter over checkpoints then mixes that shared growth "
+                     "with any trade-off between them).",
+            "findings": [seeds.finding(f"{name} {what}", m[f"step_vs_{what}"][name], GROWS)
+                         for name in m["pearson"] for what in ("dD", "dM")], "note": ""}
+
+
+CLAIMS = (claim_paper, claim_dora_nearer, claim_growth)
+
+
+def judge(per_seed: dict) -> list[dict]:
+    """Every claim's verdict from per-seed numbers, Holm-corrected over all of the report's findings."""
+    return seeds.judge([c(per_seed) for c in CLAIMS])
 
 
 # ---------------------------------------------------------------- figures
@@ -193,12 +201,11 @@ def fig_scatter(m: dict) -> Figure:
 # ---------------------------------------------------------------- the experiment
 
 
-def main(argv=None) -> int:
-    args = common.parser(__doc__.splitlines()[0], "runs/05_magnitude_and_direction").parse_args(argv)
-    started = time.perf_counter()
-    s = common.setup(args.quick, args.seed)
+def run_seed(seed: int, quick: bool) -> dict:
+    """One seed's pipeline: its base, then full, LoRA and DoRA fine-tuning with the weights kept along the way."""
+    s = common.setup(quick, seed)
     base, model_cfg, base_data, ft_data = common.base_and_bindings(s)
-    checkpoints = min(CHECKPOINTS if not args.quick else 5, s.finetune.steps)
+    checkpoints = min(CHECKPOINTS if not quick else 5, s.finetune.steps)
     every = s.finetune.steps // checkpoints
     results = {}
     for name, cfg in methods():
@@ -211,10 +218,22 @@ def main(argv=None) -> int:
                          "pearson_per_layer": [pearson([p["dD"] for p in points if p["layer"] == i],
                                                        [p["dM"] for p in points if p["layer"] == i])
                                                for i in range(model_cfg.layers)]}
-    metrics = report.finite({"steps": s.finetune.steps, "every": every, "checkpoints": len(kept),
-                             "layers": model_cfg.layers, "matrix": MATRIX,
-                             "base_loss": common.eval_loss(base, ft_data, model_cfg), "methods": results})
-    metrics["summary"] = summary(metrics)
+    return report.finite({"seed": seed, "steps": s.finetune.steps, "pretrain_steps": s.pretrain.steps,
+                          "lr": s.finetune.lr, "every": every, "checkpoints": len(kept), "layers": model_cfg.layers,
+                          "matrix": MATRIX, "base_loss": common.eval_loss(base, ft_data, model_cfg),
+                          "methods": results})
+
+
+def main(argv=None) -> int:
+    args = common.parser(__doc__.splitlines()[0], "runs/05_magnitude_and_direction", seeds=3).parse_args(argv)
+    started = time.perf_counter()
+    seed_list = common.seed_list(args)
+    per_seed_metrics = common.over_seeds(run_seed, seed_list, args.quick, workers=args.workers)
+    shown = per_seed_metrics[0]  # the figure and tables show the first seed in detail
+    per_seed = common.stack([measure(one) for one in per_seed_metrics])
+    claims = judge(per_seed)
+    metrics = {**shown, "seeds": seed_list, "shown_seed": seed_list[0], "per_seed": per_seed, "claims": claims,
+               "verdicts": common.verdicts_record(claims), "summary": common.verdict_lines(claims, seed_list)}
     metrics["seconds"] = time.perf_counter() - started
 
     rows = [(name, r["trainable"], r["lr"], common.fmt(r["loss"], 4), common.fmt(r["pearson"], 3),
@@ -223,20 +242,21 @@ def main(argv=None) -> int:
     point_rows = [(name, p["step"], p["layer"], f"{p['dD']:.3g}", f"{p['dM']:.3g}")
                   for name, r in metrics["methods"].items() for p in r["points"]]
     lora_cfg = methods()[1][1]
-    method = (f"<p>Base: {s.pretrain.steps} steps on <code>associations</code>. Each method: {s.finetune.steps} "
-              f"steps on <code>bindings</code>, weights kept every {every} steps. Full fine-tuning at lr "
-              f"{s.finetune.lr:g}; LoRA rank {lora_cfg.rank}, alpha {lora_cfg.alpha:g} on "
+    method = (f"<p>Base: {shown['pretrain_steps']} steps on <code>associations</code>. Each method: "
+              f"{shown['steps']} steps on <code>bindings</code>, weights kept every {shown['every']} steps. Full "
+              f"fine-tuning at lr {shown['lr']:g}; LoRA rank {lora_cfg.rank}, alpha {lora_cfg.alpha:g} on "
               f"{', '.join(lora_cfg.targets)} at lr {LORA_LR:g}; DoRA the same plus a trained magnitude per "
               f"output unit. LoRA and DoRA are merged into plain matrices before measuring. Every point is one "
               f"{MATRIX} matrix (one per layer) at one kept step, compared with the base's; ΔM and ΔD are "
               f"computed per output unit (a column of W in x @ W) as in the paper's eq. 6–7. The correlation of a "
               f"method is Pearson's r over all its points.</p>")
-    blocks = [("Summary", "<p>" + " ".join(html.escape(x) for x in metrics["summary"]) + "</p>"),
+    first = f" (seed {seed_list[0]})"
+    blocks = [*common.claims_blocks(claims, seed_list),
               ("How it was measured", method),
-              ("Magnitude change against direction change", ("magnitude_direction", fig_scatter(metrics))),
-              ("Correlations and losses", common.table(["method", "trainable", "lr", "bindings loss",
+              ("Magnitude change against direction change" + first, ("magnitude_direction", fig_scatter(metrics))),
+              ("Correlations and losses" + first, common.table(["method", "trainable", "lr", "bindings loss",
                                                          "Pearson r (all points)", "r per layer"], rows)),
-              ("Every point", "<details><summary>step, layer, ΔD, ΔM</summary>"
+              ("Every point" + first, "<details><summary>step, layer, ΔD, ΔM</summary>"
                               + common.table(["method", "step", "layer", "ΔD", "ΔM"], point_rows) + "</details>")]
     common.publish(args.out, "05 — Magnitude and direction (DoRA §4.1)", blocks, metrics)
     return 0

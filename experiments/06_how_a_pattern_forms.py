@@ -286,16 +286,11 @@ def composition_rows(runs, seed_list):
 
 
 def main(argv=None) -> int:
-    args = common.parser(__doc__.splitlines()[0], "runs/06_how_a_pattern_forms", seeds=True).parse_args(argv)
-    if args.seeds is None:
-        args.seeds = 2 if args.quick else 3  # the budget: <= 6 minutes on 2 cores
+    args = common.parser(__doc__.splitlines()[0], "runs/06_how_a_pattern_forms", seeds=3).parse_args(argv)
     started = time.perf_counter()
     seed_list = common.seed_list(args)
     names = [n for n, _ in variants(args.quick)]
-    runs = []
-    for i, seed in enumerate(seed_list):
-        print(f"seed {seed} ({i + 1} of {len(seed_list)})", flush=True)
-        runs.append(run_seed(seed, args.quick))
+    runs = common.over_seeds(run_seed, seed_list, args.quick, workers=args.workers)
     per_seed = common.stack([{"n": numbers(r, names)} for r in runs])["n"]
     claims = judge(per_seed, names, plan(args.quick, seed_list[0]).finetune.steps)
     p = plan(args.quick, seed_list[0])

@@ -242,16 +242,13 @@ def summary(metrics: dict) -> list[str]:
 def main(argv=None, *, extra_lrs: dict | None = None) -> int:
     """`extra_lrs` {"full" or "lora": (lr, ...)} adds learning rates to the grid (the tests add one that
     diverges, to see how the report shows it); the command line always runs the grid above."""
-    args = common.parser(__doc__.splitlines()[0], "runs/07_learning_vs_forgetting", seeds=True).parse_args(argv)
-    if args.seeds is None:
-        args.seeds = 2 if args.quick else SEEDS
+    args = common.parser(__doc__.splitlines()[0], "runs/07_learning_vs_forgetting", seeds=SEEDS).parse_args(argv)
     started = time.perf_counter()
     seed_list = common.seed_list(args)
     names = [n for n, _ in methods(args.quick)]
     measured, matched, diverged, shown = [], [], [], None
-    for i, seed in enumerate(seed_list):
-        print(f"seed {seed} ({i + 1} of {len(seed_list)})", flush=True)
-        swept = run_seed(seed, args.quick, extra_lrs)
+    for seed, swept in zip(seed_list, common.over_seeds(run_seed, seed_list, args.quick, extra_lrs,
+                                                        workers=args.workers)):
         numbers, details = measure(swept, names)
         measured.append(numbers)
         matched.append(details)

@@ -25,8 +25,9 @@ from minilm.model import init
 from minilm.tree import combine, partition, size
 
 
-def parser(description: str, default_out: str, *, seeds: bool = False) -> argparse.ArgumentParser:
-    """The flags every experiment takes; with `seeds`, also --seeds (read it with `seed_list`)."""
+def parser(description: str, default_out: str, *, seeds: int = 0) -> argparse.ArgumentParser:
+    """The flags every experiment takes; with `seeds` (its default count), also --seeds and --workers (read
+    them with `seed_list` and `over_seeds`)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="a smoke run in seconds: tiny sizes, few steps (for CI)")
     p.add_argument("--seed", type=int, default=0, help="seed for corpora, initialisation and batches"
@@ -34,10 +35,12 @@ def parser(description: str, default_out: str, *, seeds: bool = False) -> argpar
     if seeds:
         p.add_argument("--seeds", type=_seeds_flag, default=None,
                        help="how many seeds (N: --seed, --seed+1, ...) or which (a comma list: 3,7,11); "
-                            "each is the whole pipeline: its own base, fine-tunes and data. Default 5, "
+                            f"each is the whole pipeline: its own base, fine-tunes and data. Default {seeds}, "
                             "2 with --quick")
-        p.add_argument("--workers", type=_workers_flag, default=1,
-                       help="run the seeds in this many processes (default 1); each compiles its programs once")
+        p.add_argument("--workers", type=_workers_flag, default=WORKERS,
+                       help=f"run the seeds in this many processes (default {WORKERS}); each compiles its programs "
+                            "once, and a seed's numbers do not depend on which process runs it")
+        p.set_defaults(default_seeds=seeds)
     p.add_argument("--out", default=default_out, help=f"report folder (default: {default_out})")
     return p
 
@@ -50,6 +53,9 @@ def _seeds_flag(text: str) -> int | list[int]:
     if "," not in text and values[0] < 1 or any(v < 0 for v in values) or len(set(values)) != len(values):
         raise argparse.ArgumentTypeError(f"{text!r}: give a count >= 1 or distinct seeds >= 0 (e.g. 3,7,11)")
     return values if "," in text else values[0]
+
+
+WORKERS = 1  # the default of --workers
 
 
 def _workers_flag(text: str) -> int:
@@ -66,7 +72,7 @@ def _workers_flag(text: str) -> int:
 
 def seed_list(args) -> list[int]:
     """The seeds an experiment runs: --seeds as a list, or that many from --seed on."""
-    seeds = args.seeds if args.seeds is not None else (2 if args.quick else 5)
+    seeds = args.seeds if args.seeds is not None else (2 if args.quick else args.default_seeds)
     return list(seeds) if isinstance(seeds, list) else list(range(args.seed, args.seed + seeds))
 
 
@@ -255,7 +261,11 @@ def over_seeds(fn, seeds: list[int], *args, workers: int = 1, label: str = "seed
     found in the child by its file and name, so an experiment loaded from a path works too.
     """
     if workers <= 1 or len(seeds) <= 1:
-        return [fn(seed, *args) for seed in seeds]
+        out = []
+        for i, seed in enumerate(seeds):
+            print(f"seed {seed} ({i + 1} of {len(seeds)})", flush=True)
+            out.append(fn(seed, *args))
+        return out
     import concurrent.futures
     import multiprocessing
     import os
@@ -332,3 +342,28 @@ def vector_map(base: dict, tuned: dict[str, tuple[Tuned, lora.LoraConfig | None]
               for name, (t, cfg) in tuned.items()}
     return vmap.build(list(probe.words), {g: list(w) for g, w in probe.groups.items()}, probe.pairs,
                       probe.controls, vectors_at_levels(base, probe, tokenizer, model_cfg), states)
+# ---------------------------------------------------------------- experiments 02-05 over seeds (issue 16)
+
+
+def verdicts_record(claims: list[dict]) -> dict:
+    """What metrics.json says about the verdicts: how many, at which family-wise α, corrected how."""
+    from minilm.analysis.seeds import ALPHA
+    return {"count": sum(len(c["findings"]) for c in claims), "alpha": ALPHA, "correction": "Holm step-down",
+            "interval": "95% Student t over seeds"}
+
+
+def claims_blocks(claims: list[dict], seeds: list[int]) -> list:
+    """The page's claims table (with how the verdicts were reached) and every seed's value per claim."""
+    from minilm import report
+    return [("Claims, over seeds", report.claims_html(claims, seeds)
+             + f"<p>Every figure and table below shows seed {seeds[0]} alone; every seed's numbers are in "
+               "metrics.json (per_seed, claims[].findings).</p>"),
+            ("Every seed's value and the interval, per claim", ("claims", report.fig_findings(claims)))]
+
+
+def verdict_lines(claims: list[dict], seeds: list[int]) -> list[str]:
+    """One line per claim (its verdict), then how many verdicts, for the terminal and metrics["summary"]."""
+    from minilm.analysis.seeds import ALPHA
+    n = verdicts_record(claims)["count"]
+    return ([f"{i + 1}. {c['claim']} -> {c['verdict']}" for i, c in enumerate(claims)]
+            + [f"{n} verdicts, Holm-corrected (family-wise α {ALPHA:g}), over {len(seeds)} seeds"])

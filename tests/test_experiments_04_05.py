@@ -1,12 +1,14 @@
 """Experiments 04 (how low-rank is full fine-tuning) and 05 (magnitude and direction) run end to end in
---quick mode, write their reports, and compute their summaries from their metrics. (Same seed, same numbers
-is checked where it is made, in test_train.py.)"""
+--quick mode (two seeds), keep every number a verdict reads per seed, and judge their claims from those
+numbers alone: constructed per-seed numbers decide what they should. (Same seed, same numbers is checked
+where it is made, in test_train.py.)"""
 
 import copy
 
 import numpy as np
 import pytest
-from helpers import load_experiment, run_quick
+from helpers import load_experiment
+from test_experiments_02_03 import NOT_SETTLED, check_per_seed, run, verdicts
 
 # ---------------------------------------------------------------- 04
 
@@ -15,13 +17,13 @@ from helpers import load_experiment, run_quick
 def exp04(tmp_path_factory):
     out = tmp_path_factory.mktemp("e04") / "report"
     module = load_experiment("04_how_lowrank_is_full")
-    return module, out, run_quick(module, out)
+    return module, out, run(module, out)
 
 
 def test_04_writes_report_and_metrics(exp04):
     _, out, metrics = exp04
     page = (out / "report.html").read_text()
-    assert "Summary" in page and page.count("<img") == 2
+    assert page.count("<img") == 3 and metrics["seed"] == 0
     assert (out / "figures" / "capture.png").stat().st_size > 0
     assert (out / "figures" / "loss_vs_rank.png").stat().st_size > 0
     ranks = metrics["ranks"]
@@ -67,31 +69,49 @@ def test_04_truncated_keeps_the_best_rank_k_change():
                                atol=1e-6)
 
 
-def test_04_summary_is_computed_from_the_metrics(exp04):
+def test_04_keeps_every_verdict_number_per_seed(exp04):
+    _, _, metrics = exp04
+    check_per_seed(metrics)
+    # the first seed's numbers, recomputed here from its losses and matrices
+    L, D, ps = metrics["losses"], metrics["full_rank"], metrics["per_seed"]
+    gain = L["base"] - L["full"]
+    quarter = metrics["ranks"].index(D // 4)
+    assert ps["recovery"]["rest fine-tuned, k = D/4"][0] == pytest.approx((L["base"] - L["rest_tuned"][quarter]) / gain)
+    assert ps["recovery"]["rest as base, k = D/4"][0] == pytest.approx((L["base"] - L["rest_base"][quarter]) / gain)
+    last = metrics["ranks"].index(metrics["lora_ranks"][-1])
+    assert ps["lora_minus_truncated"]["largest k"][0] == pytest.approx((L["rest_base"][last] - L["lora"][-1]) / gain)
+    ranks_90 = [r["energy_rank_90"] for r in metrics["matrices"].values()]
+    assert ps["rank_share"]["90%-energy rank"][0] == pytest.approx(np.median(ranks_90) / D)
+    assert ps["cos_with_w0"]["median"][0] == pytest.approx(np.median([r["cos_with_w0"]
+                                                                      for r in metrics["matrices"].values()]))
+
+
+def test_04_verdicts_are_recomputed_from_the_per_seed_numbers(exp04):
     module, _, metrics = exp04
-    assert module.summary(metrics) == metrics["summary"]
-    assert len(metrics["summary"]) >= 5 and all(metrics["summary"])
-    L = metrics["losses"]
-    # Truncation that loses nothing recovers everything from the smallest k on ...
-    perfect = copy.deepcopy(metrics)
-    perfect["losses"]["rest_tuned"] = [L["full"]] * len(metrics["ranks"])
-    assert f"from k = {metrics['ranks'][0]} (of {metrics['full_rank']}) on, at 100%" in module.summary(perfect)[2]
-    # ... a LoRA that learns nothing recovers it at no k and is worse than truncation everywhere ...
-    idle = copy.deepcopy(metrics)
-    idle["losses"]["lora"] = [L["base"]] * len(metrics["lora_ranks"])
-    idle["losses"]["rest_base"] = [L["full"]] * len(metrics["ranks"])
-    lora_sentence = module.summary(idle)[4]
-    assert "recovers it at no k tested" in lora_sentence and "worse at every k" in lora_sentence
-    # ... and one that matches full fine-tuning is better than a truncation that learns nothing.
-    ideal = copy.deepcopy(metrics)
-    ideal["losses"]["lora"] = [L["full"]] * len(metrics["lora_ranks"])
-    ideal["losses"]["rest_base"] = [L["base"]] * len(metrics["ranks"])
-    assert "better at every k" in module.summary(ideal)[4]
-    # The energy rank verdict follows the numbers.
-    spread = copy.deepcopy(metrics)
-    for r in spread["matrices"].values():
-        r["energy_rank_90"] = metrics["full_rank"]
-    assert "not low-rank" in module.summary(spread)[1]
+    assert module.judge(metrics["per_seed"]) == metrics["claims"]
+
+
+def test_04_constructed_numbers_decide_what_they_should(exp04):
+    module, _, metrics = exp04
+    per_seed = copy.deepcopy(metrics["per_seed"])
+    # 10% of full rank by both measures on both seeds: low-rank (below 25%) true; 60%: false; one of each: not settled
+    for share, expected in (([0.1, 0.1000001], "true"), ([0.6, 0.6000001], "false"), ([0.1, 0.6], NOT_SETTLED)):
+        per_seed["rank_share"] = {label: share for label in per_seed["rank_share"]}
+        assert module.judge(per_seed)[0]["verdict"] == expected
+    # truncation keeps everything (recovery 1) with the rest fine-tuned, and half with the rest as base
+    per_seed["recovery"]["rest fine-tuned, k = D/4"] = [1.0, 0.9999999]
+    per_seed["recovery"]["rest as base, k = D/4"] = [0.5, 0.5000001]
+    assert verdicts(module.judge(per_seed), 2) == {"rest fine-tuned, k = D/4": "true", "rest as base, k = D/4": "false"}
+    # LoRA better than the truncation on one seed and worse on the other: not settled; worse on both: false
+    per_seed["lora_minus_truncated"]["largest k"] = [0.2, -0.2]
+    assert verdicts(module.judge(per_seed), 3)["LoRA minus truncation, largest k"] == NOT_SETTLED
+    per_seed["lora_minus_truncated"]["largest k"] = [-0.2, -0.2000001]
+    assert verdicts(module.judge(per_seed), 3)["LoRA minus truncation, largest k"] == "false"
+    # ΔW points back along W0 on both seeds: true; along W0 on both: false
+    per_seed["cos_with_w0"]["median"] = [-0.5, -0.5000001]
+    assert module.judge(per_seed)[3]["verdict"] == "true"
+    per_seed["cos_with_w0"]["median"] = [0.5, 0.5000001]
+    assert module.judge(per_seed)[3]["verdict"] == "false"
 
 
 # ---------------------------------------------------------------- 05
@@ -101,13 +121,13 @@ def test_04_summary_is_computed_from_the_metrics(exp04):
 def exp05(tmp_path_factory):
     out = tmp_path_factory.mktemp("e05") / "report"
     module = load_experiment("05_magnitude_and_direction")
-    return module, out, run_quick(module, out)
+    return module, out, run(module, out)
 
 
 def test_05_writes_report_and_metrics(exp05):
     module, out, metrics = exp05
     page = (out / "report.html").read_text()
-    assert "Summary" in page and page.count("<img") == 1
+    assert page.count("<img") == 2 and metrics["seed"] == 0
     assert (out / "figures" / "magnitude_direction.png").stat().st_size > 0
     assert set(metrics["methods"]) == {"full", "LoRA", "DoRA"}
     for r in metrics["methods"].values():
@@ -126,18 +146,41 @@ def test_05_pearson_matches_numpy_and_handles_constants():
     assert np.isnan(module.pearson([1, 1, 1], [1, 2, 3])) and np.isnan(module.pearson([1, 2], [2, 1]))
 
 
-def test_05_summary_is_computed_from_the_metrics(exp05):
+def test_05_keeps_every_verdict_number_per_seed(exp05):
+    _, _, metrics = exp05
+    check_per_seed(metrics)
+    # the first seed's correlations, recomputed here with NumPy from its points
+    for name, r in metrics["methods"].items():
+        steps, dD, dM = (np.array([p[k] for p in r["points"]]) for k in ("step", "dD", "dM"))
+        assert metrics["per_seed"]["pearson"][name][0] == pytest.approx(np.corrcoef(dD, dM)[0, 1])
+        assert metrics["per_seed"]["step_vs_dD"][name][0] == pytest.approx(np.corrcoef(steps, dD)[0, 1])
+        assert metrics["per_seed"]["step_vs_dM"][name][0] == pytest.approx(np.corrcoef(steps, dM)[0, 1])
+    r = {name: v[0] for name, v in metrics["per_seed"]["pearson"].items()}
+    assert metrics["per_seed"]["dora_nearer_full"]["DoRA"][0] == pytest.approx(
+        abs(r["DoRA"] - r["LoRA"]) - abs(r["DoRA"] - r["full"]))
+
+
+def test_05_verdicts_are_recomputed_from_the_per_seed_numbers(exp05):
     module, _, metrics = exp05
-    assert module.summary(metrics) == metrics["summary"]
-    like_paper = copy.deepcopy(metrics)
-    for name, r in (("full", -0.6), ("LoRA", 0.7), ("DoRA", -0.5)):
-        like_paper["methods"][name]["pearson"] = r
-    text = " ".join(module.summary(like_paper))
-    assert "matches the paper's finding" in text and "nearer to full fine-tuning's" in text
-    opposite = copy.deepcopy(metrics)
-    for name, r in (("full", 0.6), ("LoRA", -0.7), ("DoRA", 0.5)):
-        opposite["methods"][name]["pearson"] = r
-    assert "does not match the paper's finding on any" in " ".join(module.summary(opposite))
-    undefined = copy.deepcopy(metrics)
-    undefined["methods"]["full"]["pearson"] = None
-    assert "undefined" in module.summary(undefined)[0]
+    assert module.judge(metrics["per_seed"]) == metrics["claims"]
+
+
+def test_05_constructed_numbers_decide_what_they_should(exp05):
+    module, _, metrics = exp05
+    per_seed = copy.deepcopy(metrics["per_seed"])
+
+    def paper(full, lora, dora):
+        per_seed["pearson"] = {"full": full, "LoRA": lora, "DoRA": dora}
+        return module.judge(per_seed)[0]
+
+    like_paper = paper([-0.6, -0.6000001], [0.7, 0.7000001], [-0.5, -0.5000001])
+    assert like_paper["verdict"] == "true"
+    assert paper([0.6, 0.6000001], [-0.7, -0.7000001], [0.5, 0.5000001])["verdict"] == "false"
+    # one seed of LoRA flipped: its interval straddles 0, the others still decide
+    flipped = {f["label"]: f["verdict"] for f in paper([-0.6, -0.6000001], [-0.7, 0.7000001],
+                                                       [-0.5, -0.5000001])["findings"]}
+    assert flipped == {"full": "true", "LoRA": NOT_SETTLED, "DoRA": "true"}
+    # ΔD and ΔM perfectly in step with training for every method: growth true
+    for what in ("step_vs_dD", "step_vs_dM"):
+        per_seed[what] = {name: [0.99, 0.9900001] for name in per_seed[what]}
+    assert module.judge(per_seed)[2]["verdict"] == "true"

@@ -52,7 +52,12 @@ def test_two_processes_give_the_numbers_of_one_in_seed_order(script):
 
 
 def test_workers_flag_names_the_range():
-    p = common.parser("x", "runs/x", seeds=True)
+    p = common.parser("x", "runs/x", seeds=3)
     assert p.parse_args(["--workers", "1"]).workers == 1
     with pytest.raises(SystemExit):
         p.parse_args(["--workers", "0"])
+    args = p.parse_args([])
+    assert common.seed_list(args) == [0, 1, 2]  # the experiment's own default count
+    assert common.seed_list(p.parse_args(["--quick"])) == [0, 1]
+    assert common.seed_list(p.parse_args(["--seeds", "4,1"])) == [4, 1]
+    assert "Default 3" in p.format_help()
