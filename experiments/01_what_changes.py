@@ -13,7 +13,7 @@ seeds". All seeds run in one process, so each program compiles once. The report 
 probe words' vectors moving, layer by layer and step by step, full vs LoRA, for the first seed (its fine-tunes
 on bindings keep a snapshot every steps/10 steps; minilm/report_map.py).
 
-    python experiments/01_what_changes.py                # 5 seeds, ~3 minutes on 2 CPU cores
+    python experiments/01_what_changes.py                # 5 seeds, ~4.5 minutes on 2 CPU cores
     python experiments/01_what_changes.py --seeds 3,7,11 # those seeds
     python experiments/01_what_changes.py --quick        # seconds: the pipeline end to end, 2 seeds
 """
