@@ -335,8 +335,9 @@ def judge(per_seed: dict, names: list[str], lora_names: list[str]) -> list[dict]
 
 
 def level_names(per_seed) -> list[str]:
-    return ["static", *sorted({k.rsplit(" ", 2)[-2] + " " + k.rsplit(" ", 1)[-1] for k in per_seed
-                               if k.startswith("bindings ") and " layer " in k})]
+    """"static", "layer 0", ..., "layer L": the levels `measure` stored, in its order."""
+    prefix = f"bindings {KINDS[0]} "
+    return [k[len(prefix):] for k in per_seed if k.startswith(prefix) and not k.endswith(" contextual")]
 
 
 def binding_table(per_seed, names) -> str:
@@ -403,9 +404,8 @@ def main(argv=None) -> int:
     per_seed = common.stack(measured)
     result.update(seeds=seed_list, shown_seed=seed_list[0], per_seed=per_seed,
                   claims=judge(per_seed, names, lora_names), losses=losses)
-    n_verdicts = sum(len(c["findings"]) for c in result["claims"])
-    result["verdicts"] = {"count": n_verdicts, "alpha": seeds.ALPHA, "correction": "Holm step-down",
-                          "interval": "95% Student t over seeds"}
+    result["verdicts"] = common.verdicts_record(result["claims"])
+    n_verdicts = result["verdicts"]["count"]
     result["seconds"] = time.perf_counter() - started
     n = len(seed_list)
     result["losses"] = {m: {k: v for k, v in one.items() if k != "curve"} for m, one in losses.items()}

@@ -300,8 +300,7 @@ def main(argv=None) -> int:
                "model": dataclasses.asdict(p.model), "lr": p.pretrain.lr,
                "thresholds": {"head": HEAD, "sudden": SUDDEN, "together": TOGETHER, "removed": REMOVED},
                "transitions": [r["2-layer"]["transition"] for r in runs],
-               "verdicts": {"count": n_verdicts, "alpha": seeds.ALPHA, "correction": "Holm step-down",
-                            "interval": "95% Student t over seeds"},
+               "verdicts": common.verdicts_record(claims),
                "runs": [{k: v for k, v in r.items() if k not in ("probe_tokens", "vocabulary")}
                         | {"2-layer": {k: v for k, v in r["2-layer"].items() if k != "maps"},
                            "1-layer": {k: v for k, v in r["1-layer"].items() if k != "maps"}} for r in runs]}

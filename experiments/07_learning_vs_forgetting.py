@@ -262,8 +262,7 @@ def main(argv=None, *, extra_lrs: dict | None = None) -> int:
                "lrs": {n: sorted({r["lr"] for r in shown["runs"] if r["method"] == n}) for n in names},
                "budget": shown["budget"], "watch_every": shown["every"], "runs_per_seed": len(shown["runs"]),
                "per_seed": per_seed, "matched": matched, "claims": claims, "diverged": diverged,
-               "verdicts": {"count": n_verdicts, "alpha": seeds.ALPHA, "correction": "Holm step-down",
-                            "interval": "95% Student t over seeds"},
+               "verdicts": common.verdicts_record(claims),
                "shown_runs": shown["runs"], "shown_base": shown["base"]}
     metrics["summary"] = summary(metrics)
     metrics["seconds"] = time.perf_counter() - started

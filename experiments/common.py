@@ -213,9 +213,7 @@ def finetune(name: str, base: dict, dataset: Dataset, model_cfg: ModelConfig, tr
 
 def eval_loss(params, dataset: Dataset, model_cfg: ModelConfig, batches: int = 16, seed: int = 123) -> float:
     """Mean held-out loss on fixed windows of `dataset` (the same windows for every model)."""
-    from minilm.data import batches as windows_of
-    windows = windows_of(jax.numpy.asarray(dataset.val), jax.random.key(seed), 0, count=batches,
-                         batch_size=16, context=model_cfg.context)
+    windows = fixed_windows(dataset, model_cfg, batches, seed)
     return float(train.make_eval(model_cfg)(*partition(params, lambda n: True), windows))
 
 
