@@ -28,7 +28,7 @@ from minilm.errors import MinilmError
 
 MARK = ".minilm.json"
 LOCK = ".minilm.lock"
-KINDS = ("run", "checkpoint", "adapter", "report")
+KINDS = ("run", "checkpoint", "adapter", "report", "snapshots")
 
 _held: dict[str, int] = {}  # lock file -> its open descriptor, held until this process ends or releases
 

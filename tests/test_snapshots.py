@@ -33,7 +33,7 @@ def test_finetune_keeps_snapshots_every_k_steps_and_the_last_is_the_result(tmp_p
     for mode in (["--lora", "rank=2,alpha=4"], ["--full"]):
         out = tmp_path / mode[0].strip("-")
         assert main(["finetune", str(base), *FT, *mode, "--snapshot-every", "2", "--out", str(out)]) == 0
-        kept = sorted(p.name for p in (out / "snapshots").iterdir())
+        kept = sorted(p.name for p in (out / "snapshots").glob("step-*"))
         assert kept == ["step-000002", "step-000004", "step-000005"]  # every 2 steps and the last
         if mode[0] == "--lora":
             def load(path):
@@ -50,7 +50,12 @@ def test_finetune_keeps_snapshots_every_k_steps_and_the_last_is_the_result(tmp_p
     again = ["finetune", str(base), *FT, "--full", "--snapshot-every", "3", "--out", str(tmp_path / "full")]
     assert main(again) == 2 and "already exists" in capsys.readouterr().err
     assert main([*again, "--overwrite"]) == 0  # the old run's snapshots go with it
-    assert sorted(p.name for p in (tmp_path / "full" / "snapshots").iterdir()) == ["step-000003", "step-000005"]
+    assert sorted(p.name for p in (tmp_path / "full" / "snapshots").glob("step-*")) == ["step-000003", "step-000005"]
+    # a snapshots folder minilm did not write is never deleted, --overwrite or not
+    (tmp_path / "full" / "snapshots" / ".minilm.json").unlink()
+    (tmp_path / "full" / "snapshots" / "mine.txt").write_text("keep me")
+    assert main([*again, "--overwrite"]) == 2 and "not written by minilm" in capsys.readouterr().err
+    assert (tmp_path / "full" / "snapshots" / "mine.txt").read_text() == "keep me"
 
 
 def test_common_finetune_keeps_copies_from_step_0(small_cfgs, arithmetic_data):

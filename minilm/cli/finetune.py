@@ -74,8 +74,8 @@ def run(args) -> int:
     snapshots = out / "snapshots"
     if args.snapshot_every < 0:
         raise MinilmError(f"--snapshot-every {args.snapshot_every}: give a number of steps >= 1, or 0 for none")
-    if args.snapshot_every and snapshots.exists() and not args.overwrite:
-        raise MinilmError(f"{snapshots} already exists; pass --overwrite to replace it, or choose another --out")
+    if args.snapshot_every:  # --overwrite replaces only snapshots minilm wrote (marked), never a stranger's folder
+        folders.check_output(snapshots, "snapshots", overwrite=args.overwrite, inputs=inputs)
     data = load_dataset(data_cfg, seed=train_cfg.seed, tokenizer=base.tokenizer)
     check_fits(data, base.model_cfg.context, data_cfg.text or f"corpus {data_cfg.corpus!r}")
     cost = (lora.lora_step_cost(base.model_cfg, train_cfg.batch_size, lora_cfg, train_cfg.grad_accum) if lora_cfg
@@ -113,8 +113,10 @@ def run(args) -> int:
                                    "key": checkpoint.key_to_json(state.key), "snapshot": True})
 
     if args.snapshot_every:
-        shutil.rmtree(snapshots, ignore_errors=True)  # --overwrite: the old run's snapshots go
+        if snapshots.exists():
+            shutil.rmtree(snapshots)  # checked above: minilm's own snapshots of an earlier run
         snapshots.mkdir(parents=True)
+        folders.mark(snapshots, "snapshots")
     return fit(state, data, model_cfg, train_cfg, out, save, resume=False, saved=saved,
                snapshot=snapshot if args.snapshot_every else None, snapshot_every=args.snapshot_every,
                resume_hint=None if lora_cfg else f"minilm train --out {out} --resume",
