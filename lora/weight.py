@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from minilm.model import mixed_precision_matmul
+from minilm.model import mixed_precision_matmul, transposed as row_major_transposed
 
 
 def column_norm(w: jax.Array) -> jax.Array:
@@ -156,9 +156,11 @@ def _adapted_matmul_bwd(scale, residuals, dy):
     dy_b = dy @ b.T                                     # (N, R)
     da = scale * _transposed(_transposed(dy_b) @ x)    # (d_in, R) = s · xᵀ (dy Bᵀ), as ((dy Bᵀ)ᵀ x)ᵀ
     db = scale * (_transposed(x @ a) @ dy)              # (R, d_out) = s · (x A)ᵀ dy
-    dx = mixed_precision_matmul(dy, merged.T) if needed.dx else None  # (N, d_in), only if something below trains
+    dx = None
+    if needed.dx:  # (N, d_in), only if something below trains; bfloat16 products need Wᵀ row-major (model.transposed)
+        dx = mixed_precision_matmul(dy, merged.T if merged.dtype == jnp.float32 else row_major_transposed(merged))
     dw = x.T @ dy if needed.dw else None                # only if W itself trains (never in LoRA)
-    return dx, dw, da, db
+    return dx, dw, da.astype(a.dtype), db.astype(b.dtype)  # in the adapters' own format (mixed precision: bfloat16)
 
 
 def _transposed(y: jax.Array) -> jax.Array:
