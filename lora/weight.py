@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from minilm.model import mixed_precision_matmul, transposed as row_major_transposed
+from minilm.precision import mixed_precision_matmul, transposed as row_major_transposed
 
 
 def column_norm(w: jax.Array) -> jax.Array:

@@ -22,7 +22,6 @@ Shapes use the axis letters declared in minilm/__init__.py (B, T, S, D, H, K, F,
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 from minilm.attention import attend, attention_probs, causal_mask, causal_self_attention
 from minilm.config import ModelConfig
 from minilm.errors import MinilmError
+from minilm.precision import mixed_precision_matmul
 
 INIT_STD = 0.02  # GPT-2's initialisation scale for every weight matrix
 
@@ -83,66 +83,6 @@ def param_shapes(cfg: ModelConfig) -> dict:
 # ---------------------------------------------------------------- layers
 
 
-def mixed_precision_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x @ w in w's number format, accumulated and returned in float32 (or in x's type, if wider).
-
-    In float32 this is plain x @ w. With mixed precision (train.mixed_precision) w arrives as bfloat16:
-    x is rounded to bfloat16 too and the product accumulates in float32. Asking for the float32 result
-    matters: XLA's CPU backend turns a bfloat16 x bfloat16 -> bfloat16 product back into float32 work,
-    while bfloat16 x bfloat16 -> float32 runs as a real bfloat16 product. Its gradients are products in
-    bfloat16 too (`_low_precision_matmul`), not what autodiff would give.
-    """
-    out = jnp.promote_types(x.dtype, jnp.float32)
-    if jnp.finfo(w.dtype).bits >= 32:
-        return jnp.matmul(x.astype(w.dtype), w, preferred_element_type=out)
-    return _low_precision_matmul(x, w, x.dtype)
-
-
-def transposed(y: jax.Array) -> jax.Array:
-    """yᵀ (2-D) written out row-major, as an array of its own. Same numbers; a speed trick for bfloat16.
-
-    XLA's CPU backend runs a bfloat16 product in YNNPACK (2x float32's speed here) only if both operands
-    are row-major with the contraction on the left operand's last axis and the right one's first
-    (`IsDotSupportedByYnn`); any other product it converts to float32 first (FloatNormalization), and
-    this decision comes before layouts are assigned. A plain `y.T` reaches it as a transposed layout,
-    and an optimization barrier keeps that layout. Flattening the transpose and reshaping it back, with
-    the barrier between so the two reshapes do not cancel, forces a real row-major copy.
-    """
-    flat = jax.lax.optimization_barrier(y.T.reshape(-1))
-    return flat.reshape(y.shape[::-1])
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _low_precision_matmul(x: jax.Array, w: jax.Array, x_dtype) -> jax.Array:
-    """x (N, d_in) @ w (d_in, d_out, bfloat16) -> (N, d_out) float32, differentiated by hand.
-
-    Autodiff of the forward product would give dx = dy wᵀ and dw = xᵀ dy with dy in float32 and a
-    transposed operand, which XLA runs in float32 (see `transposed`): 2/3 of the step's product FLOPs.
-    Here both take bfloat16 operands written out row-major and accumulate in float32, as PyTorch's
-    autocast does. dw is returned in w's format (bfloat16, the cast's own gradient then makes it
-    float32 again: one rounding, as autocast's); dx stays in x's (float32: the residual stream's
-    gradient is never rounded).
-    """
-    return jnp.matmul(x.astype(w.dtype), w, preferred_element_type=jnp.promote_types(x_dtype, jnp.float32))
-
-
-def _low_precision_matmul_fwd(x, w, x_dtype):
-    x_low = x.astype(w.dtype)
-    y = jnp.matmul(x_low, w, preferred_element_type=jnp.promote_types(x_dtype, jnp.float32))
-    return y, (transposed(x_low), w)  # xᵀ (d_in, N) kept for dw, at half float32's bytes
-
-
-def _low_precision_matmul_bwd(x_dtype, residuals, dy):
-    x_t, w = residuals
-    dy = dy.astype(w.dtype)                                                    # rounded once, used twice
-    dx = jnp.matmul(dy, transposed(w), preferred_element_type=jnp.float32)    # (N, d_in)
-    dw = jnp.matmul(x_t, dy, preferred_element_type=jnp.float32)              # (d_in, d_out)
-    return dx.astype(x_dtype), dw.astype(w.dtype)
-
-
-_low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
-
-
 def linear(x: jax.Array, p: dict) -> jax.Array:
     """(N, d_in) -> (N, d_out). The one spelling of a linear layer in the model: x @ W + b.
 
@@ -172,7 +112,8 @@ def attention_layer(x, p, cfg: ModelConfig, batch: int, positions, cache=None):
 
     q, k, v = heads(linear(x, p["q"])), heads(linear(x, p["k"])), heads(linear(x, p["v"]))
     if cache is None:  # a whole sequence from position 0: the same maths as below, skipping the masked half
-        out, probs = causal_self_attention(q, k, v)
+        low = p["q"]["w"].dtype  # the block's number format: bfloat16 under mixed precision, then attention's too
+        out, probs = causal_self_attention(q.astype(low), k.astype(low), v.astype(low))
     else:
         start = (0, positions[0], 0, 0)
         cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k, start),  # (B, S, H, K)

@@ -19,6 +19,11 @@ and v into `c_attn`, so an adapter there is one rank-R update of the whole (D, 3
 R·(D + 3D) parameters, where ours puts a separate (D, R)·(R, D) adapter on each chosen matrix (2·R·D
 each). README.md spells out what that changes for each target set.
 
+`compile="compiled"` runs the model (forward and, through AOTAutograd, backward) under `torch.compile`
+in its default mode (COMPILE_MODE below); loss, clipping and AdamW stay eager, as in most training
+scripts (`torch.compile` of the optimizer step is a separate, rarer choice). Inductor on CPU writes C++
+and needs a C++ compiler (g++) on the machine.
+
 This module imports torch, transformers and peft at the top: import it only in a process that times
 torch (benchmarks/peers/worker.py --side torch), never in one that runs JAX.
 """
@@ -43,6 +48,13 @@ TARGETS = {
     "attn.*": ["attn.c_attn", "attn.c_proj"],           # q,k,v (fused), o
     "attn.q,attn.v": ["attn.c_attn"],                   # cannot split q,v out of the fused c_attn: q,k,v
 }
+# torch.compile's mode for the compiled peer. "default": what a user writes, torch.compile(model), and the
+# mode PyTorch recommends for training. Not "reduce-overhead": CUDA graphs, nothing to gain on a CPU.
+# Not "max-autotune": it benchmarks GEMM templates while compiling, minutes per graph on 2 cores, for
+# products that already run in oneDNN/MKL at the machine's peak (the step's time is in the products).
+COMPILE_MODE = "default"
+
+
 def count(params) -> int:
     """Distinct parameters' scalars (a tied weight counts once, as model.parameters() yields it once)."""
     seen, total = set(), 0
@@ -65,6 +77,7 @@ class TorchStep:
     dtype: str                       # "float32" or "bfloat16" (autocast around forward + loss)
     info: dict = field(default_factory=dict)
     last_loss: float = float("nan")
+    forward: object = None           # the model as called: torch.compile(model), or None: the model itself (eager)
 
     @property
     def tokens_per_step(self) -> int:
@@ -73,7 +86,7 @@ class TorchStep:
     def step(self) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == "bfloat16"):
-            logits = self.model(input_ids=self.inputs, use_cache=False).logits  # (B, T, V)
+            logits = (self.model if self.forward is None else self.forward)(input_ids=self.inputs, use_cache=False).logits  # (B, T, V)
             # float32 loss in both modes, as ours; B·T predicted tokens, mean over them
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), self.targets.reshape(-1))
         loss.backward()
@@ -102,13 +115,16 @@ class TorchStep:
 
 def build(*, vocab: int, context: int, width: int, layers: int, heads: int, batch: int, mode: str = "full",
           rank: int = 8, targets: str = "all-linear", dtype: str = "float32", lr: float = 1e-3,
-          weight_decay: float = 0.1, seed: int = 0, threads: int | None = None) -> TorchStep:
+          weight_decay: float = 0.1, seed: int = 0, threads: int | None = None,
+          compile: str = "eager") -> TorchStep:
     """A GPT-2 LM of our shapes, float32 weights, full fine-tuning or PEFT LoRA (alpha = 2·rank), its
     AdamW and one fixed random batch of (batch, context + 1) tokens."""
     if mode not in ("full", "lora"):
         raise ValueError(f"mode {mode!r}: expected full or lora")
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype {dtype!r}: expected float32 or bfloat16")
+    if compile not in ("eager", "compiled"):
+        raise ValueError(f"compile {compile!r}: expected eager or compiled")
     torch.set_num_threads(threads or os.cpu_count())
     torch.manual_seed(seed)
     transformers.logging.set_verbosity_error()
@@ -125,7 +141,7 @@ def build(*, vocab: int, context: int, width: int, layers: int, heads: int, batc
         raise AssertionError("GPT-2's output head is not tied to its token embedding, as minilm's is")
 
     info = {"attn_implementation": attn_implementation, "base_params": base_params, "mode": mode,
-            "dtype": dtype}
+            "dtype": dtype, "compile": compile, "compile_mode": COMPILE_MODE if compile == "compiled" else None}
     if mode == "lora":
         import peft
 
@@ -152,4 +168,4 @@ def build(*, vocab: int, context: int, width: int, layers: int, heads: int, batc
         import peft
         info["peft"] = peft.__version__
     return TorchStep(model, optimizer, params, windows[:, :-1].contiguous(), windows[:, 1:].contiguous(), dtype,
-                     info)
+                     info, forward=torch.compile(model, mode=COMPILE_MODE) if compile == "compiled" else None)

@@ -2,7 +2,7 @@
 steps on request. run.py starts it and talks to it; you do not normally run it by hand.
 
     worker.py --side jax|torch --preset small --mode full|lora [--rank 8 --targets all-linear]
-              [--dtype float32|bfloat16] [--warmup 2] [--threads N] [--seed 0]
+              [--dtype float32|bfloat16] [--compile eager|compiled] [--warmup 2] [--threads N] [--seed 0]
 
 Protocol: one JSON object per line. The worker writes {"ready": true, ...facts...} once it has built
 and warmed its step (or {"error": "..."} and exits 1), then reads commands from stdin:
@@ -80,7 +80,9 @@ class JaxSide:
 
 
 class TorchSide:
-    """The same step in PyTorch eager + transformers GPT2LMHeadModel (+ PEFT LoRA): torch_gpt2.py."""
+    """The same step in PyTorch + transformers GPT2LMHeadModel (+ PEFT LoRA), eager or under torch.compile:
+    torch_gpt2.py. Compiled, the first step compiles (and runs once): its time less a warm step's is the
+    compile time, reported apart, as ours is."""
 
     def __init__(self, args):
         import torch_gpt2
@@ -91,10 +93,13 @@ class TorchSide:
         self.step = torch_gpt2.build(
             vocab=args.vocab, context=model_cfg.context, width=model_cfg.width, layers=model_cfg.layers,
             heads=model_cfg.heads, batch=train_cfg.grad_accum * train_cfg.batch_size, mode=args.mode,
-            rank=args.rank, targets=args.targets, dtype=args.dtype, seed=args.seed, threads=args.threads)
+            rank=args.rank, targets=args.targets, dtype=args.dtype, seed=args.seed, threads=args.threads,
+            compile=args.compile)
         start = time.perf_counter()
-        self.step.run(max(1, args.warmup))  # the first step also allocates AdamW's state
+        first = self.step.run(1)[0]  # also allocates AdamW's state; compiled: compiles forward and backward
+        warm = self.step.run(max(1, args.warmup - 1))
         self.facts = {"warmup_seconds": time.perf_counter() - start,
+                      "compile_seconds": first - min(warm) if args.compile == "compiled" else None,
                       "tokens_per_step": self.step.tokens_per_step, "batch": self.step.inputs.shape[0],
                       "context": self.step.inputs.shape[1], **self.step.counts(), **self.step.info,
                       "optimizer_state_bytes": self.step.memory()["optimizer_state_bytes"]}
@@ -116,6 +121,8 @@ def parse_args(argv=None):
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--targets", default="all-linear", choices=("all-linear", "attn.*", "attn.q,attn.v"))
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--compile", choices=("eager", "compiled"), default="eager",
+                        help="torch side: eager, or the model under torch.compile (torch_gpt2.COMPILE_MODE)")
     parser.add_argument("--fuse-qkv", action="store_true", help="ours: one A shared by q, k, v (LoraConfig.fuse_qkv)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all CPUs)")

@@ -135,7 +135,7 @@ def run(args) -> int:
     import jax
 
     import lora
-    from minilm import bench, checkpoint
+    from minilm import bench, checkpoint, machine
 
     model_cfg, train_cfg = configs(args)
     lora_cfg = lora.parse_spec(args.lora)
@@ -147,11 +147,13 @@ def run(args) -> int:
           f"{train_cfg.grad_accum} = {train_cfg.batch_size * train_cfg.grad_accum * model_cfg.context:,} tokens per "
           f"step; {train_cfg.dtype}; {jax.device_count()} {jax.default_backend()} device(s), "
           f"{os.cpu_count()} CPU cores")
+    cpu = machine.cpu_features()  # the ratios depend on it (bfloat16 needs avx512_bf16 or AMX): said, and kept
+    print(machine.describe(cpu))
     peak, bandwidth = bench.matmul_peak(), bench.memory_bandwidth()
     print(f"measured here: matmul peak {peak / 1e9:,.0f} GFLOP/s (1024^3 float32), memory {bandwidth / 1e9:,.1f} GB/s")
     result = {"machine": {"cpu_count": os.cpu_count(), "backend": jax.default_backend(), "jax": jax.__version__,
                           "matmul_peak_flops": peak, "memory_bytes_per_s": bandwidth,
-                          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")},
+                          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "cpu": cpu},
               "cases": []}
     for mode in modes:
         print(f"{mode}: compiling and timing {args.steps} steps ...", flush=True)
