@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from minilm.precision import mixed_precision_matmul, transposed
+from minilm.precision import mixed_precision_matmul, row_major
 
 
 def causal_mask(query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
@@ -68,13 +68,14 @@ def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, queries_per_
 
     q, k, v in bfloat16 (mixed precision, model.attention_layer): both products take bfloat16 operands
     and accumulate in float32, forward and backward (precision.py), with the keys written out transposed
-    once, (B, H, K, T), so that q kᵀ reads them row-major; scores, softmax and the output stay float32.
+    once, (B, H, K, T), so that q kᵀ reads them row-major (`precision.row_major`); scores, softmax and the output stay float32.
     """
     T = q.shape[1]
     qh, kh, vh = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # (B, H, T, K)
     scale = jnp.sqrt(q.shape[-1]).astype(q.dtype)
     low = jnp.finfo(q.dtype).bits < 32
-    kt = transposed(kh) if low else None  # (B, H, K, T)
+    if low:  # written out row-major (precision.row_major), so that bfloat16 products can read them
+        qh, vh, kt = row_major(qh), row_major(vh), row_major(k.transpose(0, 2, 3, 1))  # kt: (B, H, K, T)
     outs, probs = [], []
     for start in range(0, T, queries_per_block):
         stop = min(start + queries_per_block, T)  # queries start..stop-1 see keys 0..stop-1

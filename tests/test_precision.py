@@ -1,0 +1,147 @@
+"""Mixed precision (minilm/precision.py): the products and their gradients against a float64 NumPy
+reference of the same rounding, which products the compiled step really runs in bfloat16, and a short
+training whose losses track float32's within a bound set by bfloat16's precision."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import lora
+from minilm import bench, train
+from minilm.config import ModelConfig, TrainConfig, preset
+from minilm.model import init
+from minilm.precision import mixed_precision_matmul, transposed
+from minilm.tree import partition
+
+# bfloat16 keeps 8 significant bits (7 stored + the implicit one): rounding to nearest is off by at
+# most half a unit in the last place, a relative 2^-8 ("unit roundoff" u, Higham 2002 §2.1).
+U = 2.0 ** -8
+
+
+def bf16(a) -> np.ndarray:
+    """a rounded to bfloat16 (round to nearest even, ml_dtypes: the same type JAX uses), as float64."""
+    return np.asarray(a, np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+
+
+@pytest.mark.parametrize("batch", [(), (2, 3)], ids=["matrix", "batched"])
+def test_products_and_gradients_are_bfloat16_operands_with_float32_accumulation(batch):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(*batch, 24, 40)).astype(np.float32)                   # (..., M, K) float32
+    w = rng.normal(size=(*batch, 40, 56)).astype(np.float32)                   # (..., K, N) float32 master
+    dy = rng.normal(size=(*batch, 24, 56)).astype(np.float32)                  # (..., M, N)
+    mT = lambda a: np.swapaxes(a, -1, -2)
+
+    def f(x, w):  # as in a step: the master weight cast to bfloat16 (train.mixed_precision), then the product
+        return mixed_precision_matmul(x, w.astype(jnp.bfloat16))
+
+    y, vjp = jax.vjp(f, jnp.asarray(x), jnp.asarray(w))
+    dx, dw = vjp(jnp.asarray(dy))
+    assert y.dtype == dx.dtype == dw.dtype == jnp.float32
+    # The reference: operands rounded to bfloat16, products exact in float64. float32 accumulation of
+    # K <= 40 terms is within ~K·2^-24 of it, far inside 1e-5; a product left in float32 would be off by ~U.
+    np.testing.assert_allclose(y, bf16(x) @ bf16(w), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, bf16(dy) @ mT(bf16(w)), rtol=1e-5, atol=1e-5)
+    # dw is returned in the weight's own format, bfloat16: the float64 product rounded once more
+    want = mT(bf16(x)) @ bf16(dy)
+    np.testing.assert_allclose(dw, bf16(want), rtol=U, atol=1e-6)
+    # control: the plain float32 gradient is measurably different (dy really was rounded)
+    assert np.max(np.abs(np.asarray(dx) - dy @ mT(w))) > 1e-3
+
+
+def test_transposed_is_the_transpose():
+    y = jnp.arange(2 * 3 * 5, dtype=jnp.bfloat16).reshape(2, 3, 5)
+    np.testing.assert_array_equal(jax.jit(transposed)(y), np.swapaxes(np.asarray(y), -1, -2))
+
+
+def test_float32_products_are_plain_matmul_bit_for_bit():
+    x, w = jax.random.normal(jax.random.key(0), (24, 40)), jax.random.normal(jax.random.key(1), (40, 56))
+    np.testing.assert_array_equal(jax.jit(mixed_precision_matmul)(x, w), jax.jit(jnp.matmul)(x, w))
+
+
+# ---------------------------------------------------------------- what the compiled step runs
+
+
+def dots(hlo: str) -> list[tuple[str, str]]:
+    """Each dot of the optimized HLO text: its two operands' types, e.g. ("bf16[64,32]", "bf16[32,32]")
+    (XLA's instruction names are unique within a module)."""
+    types = dict(re.findall(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+\[[\d,]*\])", hlo, re.M))
+    return [(types[a], types[b]) for a, b in re.findall(r"= \w+\[[\d,]*\]\S* dot\(%?([\w.\-]+), %?([\w.\-]+)\)", hlo)]
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_bfloat16_step_runs_every_block_product_in_bfloat16(mode):
+    """After XLA's own passes, which turn a bfloat16 product they cannot run in YNNPACK back into float32
+    work: every product of a block, forward and backward, attention's included, has bfloat16 operands.
+    The only float32 products left are the tied unembedding's (the embedding stays float32; V = 13 is
+    in its shapes) and LoRA's thin adapter products (rank 3 is in theirs). XLA may merge products that
+    share an operand, so the test reads shapes, not counts."""
+    cfg = ModelConfig(vocab_size=13, context=16, width=32, layers=2, heads=2)  # K = 16
+    tcfg = TrainConfig(batch_size=4, dtype="bfloat16")
+    if mode == "full":
+        case = bench.train_step_case(cfg, tcfg)
+    else:
+        case = lora.train_step_case(cfg, tcfg, lora.LoraConfig(rank=3, targets=("all-linear",)))
+    found = dots(case.step.lower(*case.state).compile().as_text())
+    low = [d for d in found if d[0].startswith("bf16[") and d[1].startswith("bf16[")]
+    high = [d for d in found if d not in low]
+    assert all(d[0].startswith("f32[") and d[1].startswith("f32[") for d in high), high  # never mixed
+    assert all(re.search(r"[\[,](13|3)[\],]", d[0] + d[1]) for d in high), high
+    shapes = {re.sub(r"\w+\[", "[", a) for a, _ in low}
+    assert {"[64,32]", "[4,2,16,16]"} <= shapes, low  # the block matrices' inputs and attention's, in bf16
+    if mode == "lora":
+        return
+    # float32: no bfloat16 product at all
+    case32 = bench.train_step_case(cfg, dataclasses.replace(tcfg, dtype="float32"))
+    assert not [d for d in dots(case32.step.lower(*case32.state).compile().as_text()) if "bf16" in d[0] + d[1]]
+
+
+# ---------------------------------------------------------------- training numerics
+
+
+def noisy_bigram_windows(vocab: int, shape: tuple[int, int, int], seed: int = 0) -> jnp.ndarray:
+    """(A, B, T + 1) tokens: each next token is perm[token] half the time, else uniform. The best loss is
+    the entropy of that mix (~1.8 nats for 16 tokens), so the losses stay O(1) while the model learns."""
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(vocab)
+    out = np.empty(shape, np.int32)
+    out[..., 0] = rng.integers(0, vocab, shape[:-1])
+    for t in range(1, shape[-1]):
+        follow = rng.random(shape[:-1]) < 0.5
+        out[..., t] = np.where(follow, perm[out[..., t - 1]], rng.integers(0, vocab, shape[:-1]))
+    return jnp.asarray(out)
+
+
+def test_bfloat16_training_tracks_float32_within_four_units_of_bfloat16_rounding():
+    """The `tiny` preset's model and batch, 40 steps from the same start on the same data, float32 and
+    mixed precision. Tolerance, fixed from bfloat16's precision before running: each product rounds
+    both operands to relative U = 2^-8, so at equal weights the logits, and a loss of O(1) nats, move by
+    about 2U (one U per rounded operand); the weights themselves then drift apart through rounded
+    gradients, by at most about as much again over a short run. So every step's loss must agree to 4U
+    relative (1.6%). A control shows the products really were bfloat16: the losses differ by far more
+    than float32 rounding."""
+    model_cfg, base = preset("tiny")
+    model_cfg = dataclasses.replace(model_cfg, vocab_size=16)
+    windows = noisy_bigram_windows(16, (1, base.batch_size, model_cfg.context + 1))
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        tcfg = dataclasses.replace(base, steps=40, warmup=0.0, dtype=dtype)
+        trainable, frozen = partition(init(model_cfg, key=jax.random.key(0)), lambda name: True)
+        opt_state = train.optimizer(tcfg).init(trainable)
+        step = train.make_step(model_cfg, tcfg)
+        losses[dtype] = []
+        for _ in range(tcfg.steps):
+            trainable, opt_state, metrics = step(trainable, frozen, opt_state, windows, jax.random.key(1))
+            losses[dtype].append(float(metrics["loss"]))
+        assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves((trainable, opt_state))
+                   if jnp.issubdtype(leaf.dtype, jnp.floating))  # master weights and Adam's moments
+    f32, low = np.array(losses["float32"]), np.array(losses["bfloat16"])
+    assert f32[-1] < f32[0] - 0.3  # it learned: the comparison is over a real trajectory, not a flat line
+    np.testing.assert_allclose(low, f32, rtol=4 * U)
+    assert np.max(np.abs(low - f32)) > 1e-4
