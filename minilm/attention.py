@@ -20,8 +20,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from minilm.precision import mixed_precision_matmul, row_major
-
 
 def causal_mask(query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
     """(T,), (S,) -> (T, S) bool: query t may look at key s iff s <= t."""
@@ -65,30 +63,17 @@ def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, queries_per_
     Heads go first, (B, H, T, K), so every product is a plain batched matrix product. The returned
     probs are the blocks put back together with their skipped part as zeros; when they are not used
     (training), jit removes that assembly.
-
-    q, k, v in bfloat16 (mixed precision, model.attention_layer): both products take bfloat16 operands
-    and accumulate in float32, forward and backward (precision.py), with the keys written out transposed
-    once, (B, H, K, T), so that q kᵀ reads them row-major (`precision.row_major`); scores, softmax and the output stay float32.
     """
     T = q.shape[1]
     qh, kh, vh = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # (B, H, T, K)
     scale = jnp.sqrt(q.shape[-1]).astype(q.dtype)
-    low = jnp.finfo(q.dtype).bits < 32
-    if low:  # written out row-major (precision.row_major), so that bfloat16 products can read them
-        qh, vh, kt = row_major(qh), row_major(vh), row_major(k.transpose(0, 2, 3, 1))  # kt: (B, H, K, T)
     outs, probs = [], []
     for start in range(0, T, queries_per_block):
         stop = min(start + queries_per_block, T)  # queries start..stop-1 see keys 0..stop-1
-        if low:
-            scores = mixed_precision_matmul(qh[:, :, start:stop], kt[..., :stop]) / scale
-        else:
-            scores = jnp.einsum("bhtk,bhsk->bhts", qh[:, :, start:stop], kh[:, :, :stop]) / scale
+        scores = jnp.einsum("bhtk,bhsk->bhts", qh[:, :, start:stop], kh[:, :, :stop]) / scale
         mask = causal_mask(jnp.arange(start, stop), jnp.arange(stop))
         p = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)  # (B, H, stop - start, stop)
-        if low:
-            outs.append(mixed_precision_matmul(p, vh[:, :, :stop]))
-        else:
-            outs.append(jnp.einsum("bhts,bhsk->bhtk", p, vh[:, :, :stop]))
+        outs.append(jnp.einsum("bhts,bhsk->bhtk", p, vh[:, :, :stop]))
         probs.append(jnp.pad(p, ((0, 0), (0, 0), (0, 0), (0, T - stop))))
     out = jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3)  # (B, H, T, K) -> (B, T, H, K)
     return out, jnp.concatenate(probs, axis=2)

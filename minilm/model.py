@@ -112,8 +112,7 @@ def attention_layer(x, p, cfg: ModelConfig, batch: int, positions, cache=None):
 
     q, k, v = heads(linear(x, p["q"])), heads(linear(x, p["k"])), heads(linear(x, p["v"]))
     if cache is None:  # a whole sequence from position 0: the same maths as below, skipping the masked half
-        low = p["q"]["w"].dtype  # the block's number format: bfloat16 under mixed precision, then attention's too
-        out, probs = causal_self_attention(q.astype(low), k.astype(low), v.astype(low))
+        out, probs = causal_self_attention(q, k, v)  # float32 also under mixed precision: see precision.py
     else:
         start = (0, positions[0], 0, 0)
         cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k, start),  # (B, S, H, K)

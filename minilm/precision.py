@@ -4,10 +4,14 @@
     mixed_precision_matmul  x @ w in w's format, float32 accumulation and result; gradients likewise
 
 With float32 weights everything here is plain float32 `x @ w`, bit for bit what it always was. With
-bfloat16 weights every product of a block (q, k, v, o, the MLP's two, attention's two) takes bfloat16
-operands and accumulates in float32, forward and backward (Micikevicius et al. 2018; bfloat16 has
-float32's exponent range, so no loss scaling), while LayerNorm, softmax, GELU, the residual stream and
-the loss stay float32.
+bfloat16 weights every product with a block matrix (q, k, v, o, the MLP's two) takes bfloat16 operands
+and accumulates in float32, forward and backward (Micikevicius et al. 2018; bfloat16 has float32's
+exponent range, so no loss scaling), while LayerNorm, softmax, GELU, the residual stream and the loss
+stay float32. So do attention's two products (activation by activation, 1/6 of the FLOPs on `small`):
+run through `mixed_precision_matmul` too, with heads and keys written out row-major, they made the
+`small` step 5-10% slower, not faster (alternated in one process: the copies, casts and bfloat16
+gradient sums over query blocks cost more than the products saved); the tied unembedding (V = 65
+columns) is too thin to matter.
 
 Speed trick, the reason this file exists. XLA's CPU backend runs a bfloat16 product in YNNPACK, at
 twice float32's rate on a CPU with avx512_bf16 (measured here, (2048, 384) x (384, 1536): 406 vs 209
@@ -80,7 +84,7 @@ def _low_precision_matmul_fwd(x, w, x_dtype):
 
 def _low_precision_matmul_bwd(x_dtype, residuals, dy):
     x_t, w = residuals
-    dy = row_major(dy.astype(w.dtype))  # (a no-op where it already is: attention's dy arrives transposed)
+    dy = row_major(dy.astype(w.dtype))  # a no-op where dy already is row-major, as a block product's is
     dx = jnp.matmul(dy, transposed(w), preferred_element_type=jnp.float32)  # (..., M, K)
     dw = jnp.matmul(x_t, dy, preferred_element_type=jnp.float32)            # (..., K, N)
     return dx.astype(x_dtype), dw.astype(w.dtype)
