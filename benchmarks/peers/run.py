@@ -23,6 +23,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -97,6 +98,16 @@ def check_installed() -> dict:
               f"pip install -e '.[peers]'", file=sys.stderr)
         sys.exit(2)
     return {name: importlib.metadata.version(name) for name in ("jax", "torch", "transformers", "peft")}
+
+
+def check_compiler(args) -> None:
+    """torch.compile's CPU backend (inductor) writes C++ and builds it with the system's compiler: without
+    one, say how to install it, rather than fail in a worker minutes later; exit 2."""
+    if "compiled" in args.compiles and not (shutil.which("g++") or shutil.which("c++")):
+        print("run.py: --compile compiled needs a C++ compiler for torch.compile's CPU backend (inductor), and "
+              "none is on PATH; install one (Debian/Ubuntu, as root: apt-get install g++) or use --compile eager",
+              file=sys.stderr)
+        sys.exit(2)
 
 
 class Worker:
@@ -262,6 +273,7 @@ def ratio_lines(ratios: dict, modes, args) -> list[str]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     versions = check_installed()
+    check_compiler(args)
     modes = ("full", "lora") if args.mode == "both" else (args.mode,)
     sides = [("jax", None)] + [("torch", compile) for compile in args.compiles]
     order = [(side, mode, dtype, compile) for mode in modes for dtype in args.dtypes for side, compile in sides]
