@@ -1,0 +1,136 @@
+"""Where a mixed-precision (bfloat16) train step's time goes, against float32's: benchmarks/README.md.
+
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/mixed_precision.py --preset small --mode full,lora --rounds 4
+
+For each mode (full fine-tuning; LoRA r8 all-linear with one A for q, k, v) and number format:
+
+1. the compiled step's matrix products, read from XLA's optimized HLO (what runs, after XLA's passes
+   that turn a bfloat16 product they cannot give to YNNPACK back into float32 work): how many, and
+   how many GFLOP, with bfloat16 and with float32 operands; and the conversions between the two;
+2. the products' time at the rates a lone product of the step's main shape reaches here (measured at
+   the start: float32, and bfloat16 operands with float32 accumulation), and the rest of the step;
+3. the step's measured time: the cases take turns in one process, one warm step then `--steps` timed
+   ones per turn, the order reversed every other round, so that the machine's drift and other load fall
+   on all alike. Medians; the ratios mean more than the absolute times when the machine is shared.
+
+Uses only minilm's public API, so the same script measures an older commit: run it with PYTHONPATH
+pointing at that commit's checkout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+import lora
+from minilm import allocator, bench, machine
+from minilm.config import preset
+
+DOT = re.compile(r"= (\w+)\[([\d,]*)\]\S* dot\(%?([\w.\-]+), %?([\w.\-]+)\), lhs_batch_dims=\{[\d,]*\}, "
+                 r"lhs_contracting_dims=\{([\d,]*)\}|= (\w+)\[([\d,]*)\]\S* dot\(%?([\w.\-]+), %?([\w.\-]+)\), "
+                 r"lhs_contracting_dims=\{([\d,]*)\}")
+DEF = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+)\[([\d,]*)\]", re.M)
+CONVERT = re.compile(r"= (\w+)\[([\d,]*)\]\S* convert\(%?([\w.\-]+)\)")
+BYTES = {"f32": 4, "bf16": 2}
+
+
+def shape(text: str) -> list[int]:
+    return [int(d) for d in text.split(",") if d]
+
+
+def hlo_products(hlo: str) -> dict:
+    """{"bf16": (count, GFLOP), "f32": (count, GFLOP), "converts": count, "convert_MB": MB} of an HLO text."""
+    defs = {name: (dtype, shape(dims)) for name, dtype, dims in DEF.findall(hlo)}
+    out = {"bf16": [0, 0.0], "f32": [0, 0.0], "converts": 0, "convert_MB": 0.0}
+    for match in DOT.finditer(hlo):
+        g = match.groups()
+        out_dims, lhs, contracting = (g[1], g[2], g[4]) if g[0] else (g[6], g[7], g[9])
+        lhs_type, lhs_shape = defs[lhs]
+        k = 1
+        for axis in shape(contracting):
+            k *= lhs_shape[axis]
+        n = 1
+        for d in shape(out_dims):
+            n *= d
+        kind = "bf16" if lhs_type == "bf16" else "f32"
+        out[kind][0] += 1
+        out[kind][1] += 2 * n * k / 1e9
+    for dtype, dims, source in CONVERT.findall(hlo):
+        if source in defs and {dtype, defs[source][0]} == {"f32", "bf16"}:
+            n = 1
+            for d in shape(dims):
+                n *= d
+            out["converts"] += 1
+            out["convert_MB"] += n * (BYTES[dtype] + BYTES[defs[source][0]]) / 1e6
+    return out
+
+
+def product_rates(rounds: int = 10) -> dict:
+    """GFLOP/s of one (2048 x 384) @ (384 x 1536) product here: float32, and bfloat16 -> float32."""
+    x, w = jax.random.normal(jax.random.key(0), (2048, 384)), jax.random.normal(jax.random.key(1), (384, 1536))
+    rates = {}
+    for name, a, b in (("f32", x, w), ("bf16", x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))):
+        f = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
+        jax.block_until_ready(f(a, b))
+        best = float("inf")
+        for _ in range(rounds):
+            start = time.perf_counter()
+            jax.block_until_ready(f(a, b))
+            best = min(best, time.perf_counter() - start)
+        rates[name] = 2 * 2048 * 384 * 1536 / best / 1e9
+    return rates
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--mode", default="full,lora", help="full, lora or full,lora")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per case per round")
+    args = parser.parse_args(argv)
+    if allocator.tuned():
+        allocator.run_inline()
+
+    print(machine.describe(machine.cpu_features()))
+    rates = product_rates()
+    print(f"one (2048 x 384) @ (384 x 1536) product: float32 {rates['f32']:.0f} GFLOP/s, "
+          f"bfloat16 -> float32 {rates['bf16']:.0f} GFLOP/s")
+    model_cfg, train_cfg = preset(args.preset)
+    model_cfg = dataclasses.replace(model_cfg, vocab_size=65)
+    adapter = lora.LoraConfig(rank=8, alpha=16.0, targets=("all-linear",), fuse_qkv=True)
+    cases, products = {}, {}
+    for mode in args.mode.split(","):
+        for dtype in ("float32", "bfloat16"):
+            tcfg = dataclasses.replace(train_cfg, dtype=dtype)
+            case = (bench.train_step_case(model_cfg, tcfg) if mode == "full"
+                    else lora.train_step_case(model_cfg, tcfg, adapter))
+            cases[mode, dtype] = case
+            products[mode, dtype] = hlo_products(case.step.lower(*case.state).compile().as_text())
+    times = {key: [] for key in cases}
+    keys = list(cases)
+    for r in range(args.rounds):
+        for key in keys if r % 2 == 0 else keys[::-1]:
+            cases[key].run(1)
+            times[key] += cases[key].run(args.steps)
+
+    print(f"\n{'':16} {'ms/step':>8} {'bf16 dots':>10} {'GFLOP':>6} {'f32 dots':>9} {'GFLOP':>6} {'converts':>9} "
+          f"{'MB':>6} {'products ms':>12} {'rest ms':>8}")
+    for (mode, dtype), p in products.items():
+        ms = 1e3 * statistics.median(times[mode, dtype])
+        at_rate = 1e3 * (p["bf16"][1] / rates["bf16"] + p["f32"][1] / rates["f32"])
+        print(f"{mode + ' ' + dtype:16} {ms:8.1f} {p['bf16'][0]:>10} {p['bf16'][1]:6.1f} {p['f32'][0]:>9} "
+              f"{p['f32'][1]:6.1f} {p['converts']:>9} {p['convert_MB']:6.0f} {at_rate:12.1f} {ms - at_rate:8.1f}")
+    for mode in args.mode.split(","):
+        ratio = statistics.median(times[mode, "bfloat16"]) / statistics.median(times[mode, "float32"])
+        print(f"{mode}: bfloat16 / float32 step time {ratio:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
