@@ -13,8 +13,10 @@ For each mode (full fine-tuning; LoRA r8 all-linear with one A for q, k, v) and 
    ones per turn, the order reversed every other round, so that the machine's drift and other load fall
    on all alike. Medians; the ratios mean more than the absolute times when the machine is shared.
 
-Uses only minilm's public API, so the same script measures an older commit: run it with PYTHONPATH
-pointing at that commit's checkout.
+A third case per mode, "bfloat16 autodiff", is the ablation of precision.py's speed trick: the products'
+gradients as JAX's autodiff gives them (dx = dy wᵀ, dw = xᵀ dy with float32 dy and transposed operands,
+which XLA runs as float32 work), as minilm computed them before; it is built by swapping
+`precision._low_precision_matmul` (and LoRA's row-major Wᵀ) for the plain product while the step is traced.
 """
 
 from __future__ import annotations
@@ -29,8 +31,14 @@ import jax
 import jax.numpy as jnp
 
 import lora
-from minilm import allocator, bench, machine
+import lora.weight
+from lora import cost as lora_cost
+from minilm import allocator, bench, machine, precision
 from minilm.config import preset
+from minilm.cost import step_cost
+from minilm.model import init
+from minilm.train import loss_fn
+from minilm.tree import partition
 
 DOT = re.compile(r"= (\w+)\[([\d,]*)\]\S* dot\(%?([\w.\-]+), %?([\w.\-]+)\), lhs_batch_dims=\{[\d,]*\}, "
                  r"lhs_contracting_dims=\{([\d,]*)\}|= (\w+)\[([\d,]*)\]\S* dot\(%?([\w.\-]+), %?([\w.\-]+)\), "
@@ -87,6 +95,38 @@ def product_rates(rounds: int = 10) -> dict:
     return rates
 
 
+def autodiff_product(x, w, x_dtype):
+    """precision._low_precision_matmul's forward alone: JAX differentiates it (the ablation)."""
+    return jnp.matmul(x.astype(w.dtype), w, preferred_element_type=jnp.promote_types(x_dtype, jnp.float32))
+
+
+def build(model_cfg, train_cfg, mode: str, dtype: str, adapter) -> bench.TrainStepCase:
+    """One compiled, warmed case; dtype "bfloat16 autodiff": the ablation (module docstring)."""
+    ablate = dtype.endswith("autodiff")
+    tcfg = dataclasses.replace(train_cfg, dtype=dtype.split()[0])
+    saved = precision._low_precision_matmul, lora.weight.row_major_transposed
+    if ablate:
+        precision._low_precision_matmul, lora.weight.row_major_transposed = autodiff_product, lambda y: y.T
+    try:
+        if mode == "full":  # a loss of its own, so that the ablated step is compiled apart from the real one
+            trainable, frozen = partition(init(model_cfg, key=jax.random.key(0)), lambda name: True)
+            return bench.compile_case(model_cfg, tcfg, trainable, frozen, _fresh(loss_fn, ablate),
+                                      step_cost(model_cfg, tcfg.batch_size, None, tcfg.grad_accum))
+        trainable, frozen = lora.split(lora.attach(init(model_cfg, key=jax.random.key(0)), adapter,
+                                                   key=jax.random.key(1)), adapter)
+        return bench.compile_case(model_cfg, tcfg, trainable, frozen, _fresh(lora.loss_fn, ablate),
+                                  lora_cost.lora_step_cost(model_cfg, tcfg.batch_size, adapter, tcfg.grad_accum),
+                                  adapter=lora_cost.describe(adapter))
+    finally:
+        precision._low_precision_matmul, lora.weight.row_major_transposed = saved
+
+
+def _fresh(loss, ablate: bool):
+    """`loss` itself, or (ablation) a new function calling it: train.make_step caches one compiled step per
+    loss, and the ablated step must not be the real one."""
+    return (lambda *a: loss(*a)) if ablate else loss
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="small")
@@ -106,11 +146,8 @@ def main(argv=None) -> int:
     adapter = lora.LoraConfig(rank=8, alpha=16.0, targets=("all-linear",), fuse_qkv=True)
     cases, products = {}, {}
     for mode in args.mode.split(","):
-        for dtype in ("float32", "bfloat16"):
-            tcfg = dataclasses.replace(train_cfg, dtype=dtype)
-            case = (bench.train_step_case(model_cfg, tcfg) if mode == "full"
-                    else lora.train_step_case(model_cfg, tcfg, adapter))
-            cases[mode, dtype] = case
+        for dtype in ("float32", "bfloat16 autodiff", "bfloat16"):
+            case = cases[mode, dtype] = build(model_cfg, train_cfg, mode, dtype, adapter)
             products[mode, dtype] = hlo_products(case.step.lower(*case.state).compile().as_text())
     times = {key: [] for key in cases}
     keys = list(cases)
@@ -119,16 +156,17 @@ def main(argv=None) -> int:
             cases[key].run(1)
             times[key] += cases[key].run(args.steps)
 
-    print(f"\n{'':16} {'ms/step':>8} {'bf16 dots':>10} {'GFLOP':>6} {'f32 dots':>9} {'GFLOP':>6} {'converts':>9} "
+    print(f"\n{'':24} {'ms/step':>8} {'bf16 dots':>10} {'GFLOP':>6} {'f32 dots':>9} {'GFLOP':>6} {'converts':>9} "
           f"{'MB':>6} {'products ms':>12} {'rest ms':>8}")
     for (mode, dtype), p in products.items():
         ms = 1e3 * statistics.median(times[mode, dtype])
         at_rate = 1e3 * (p["bf16"][1] / rates["bf16"] + p["f32"][1] / rates["f32"])
-        print(f"{mode + ' ' + dtype:16} {ms:8.1f} {p['bf16'][0]:>10} {p['bf16'][1]:6.1f} {p['f32'][0]:>9} "
+        print(f"{mode + ' ' + dtype:24} {ms:8.1f} {p['bf16'][0]:>10} {p['bf16'][1]:6.1f} {p['f32'][0]:>9} "
               f"{p['f32'][1]:6.1f} {p['converts']:>9} {p['convert_MB']:6.0f} {at_rate:12.1f} {ms - at_rate:8.1f}")
     for mode in args.mode.split(","):
-        ratio = statistics.median(times[mode, "bfloat16"]) / statistics.median(times[mode, "float32"])
-        print(f"{mode}: bfloat16 / float32 step time {ratio:.3f}")
+        f32 = statistics.median(times[mode, "float32"])
+        print(f"{mode}: bfloat16 / float32 step time {statistics.median(times[mode, 'bfloat16']) / f32:.3f} "
+              f"(with autodiff's gradients {statistics.median(times[mode, 'bfloat16 autodiff']) / f32:.3f})")
     return 0
 
 
