@@ -85,6 +85,8 @@ class TorchSide:
     compile time, reported apart, as ours is."""
 
     def __init__(self, args):
+        if args.compile == "compiled":  # a cold compile, as a user's first run (and as ours: JAX's persistent
+            os.environ["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"  # cache is off by default), not a cached one
         import torch_gpt2
 
         import minilm.config
