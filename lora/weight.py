@@ -157,7 +157,7 @@ def _adapted_matmul_bwd(scale, residuals, dy):
     da = scale * _transposed(_transposed(dy_b) @ x)    # (d_in, R) = s · xᵀ (dy Bᵀ), as ((dy Bᵀ)ᵀ x)ᵀ
     db = scale * (_transposed(x @ a) @ dy)              # (R, d_out) = s · (x A)ᵀ dy
     dx = None
-    if needed.dx:  # (N, d_in), only if something below trains; bfloat16 products need Wᵀ row-major (model.transposed)
+    if needed.dx:  # (N, d_in), only if something below trains; a bfloat16 product needs Wᵀ row-major
         dx = mixed_precision_matmul(dy, merged.T if merged.dtype == jnp.float32 else row_major_transposed(merged))
     dw = x.T @ dy if needed.dw else None                # only if W itself trains (never in LoRA)
     return dx, dw, da.astype(a.dtype), db.astype(b.dtype)  # in the adapters' own format (mixed precision: bfloat16)

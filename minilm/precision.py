@@ -18,9 +18,10 @@ twice float32's rate on a CPU with avx512_bf16 (measured here, (2048, 384) x (38
 GFLOP/s), only when both operands are row-major with the contraction on the left operand's last axis
 and the right one's first (`IsDotSupportedByYnn` in XLA); any other bfloat16 product it converts to
 float32 first (its FloatNormalization pass). Autodiff of y = x w gives dx = dy wᵀ and dw = xᵀ dy, each
-with a transposed operand, and dy in float32: so before this file the backward products, 2/3 of a step's,
-ran in float32 plus conversions, and the bfloat16 step was only ~7% faster than float32's. Here the
-gradients are written by hand with every operand in bfloat16 and row-major (`transposed`).
+with a transposed operand, and dy in float32: so before this file the backward products, 2/3 of the
+block products' FLOPs, ran in float32 plus conversions, and the `small` bfloat16 step took 0.90 of
+float32's time (LoRA 0.83). Here the gradients are written by hand with every operand in bfloat16 and
+row-major (`transposed`): 0.68 (LoRA 0.70), alternated in one process (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def mixed_precision_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
 def row_major(y: jax.Array) -> jax.Array:
     """y written out row-major, as an array of its own. Same numbers; a speed trick for bfloat16 products.
 
-    A transpose (`y.T`, or attention's heads moved forward) reaches XLA as a permuted layout, and a
+    A transpose (`y.T`) reaches XLA as a permuted layout, and a
     bfloat16 product that reads it falls back to float32 (the module docstring); an optimization barrier
     keeps that layout. Flattening the array and reshaping it back, with the barrier between so that the
     two reshapes cannot cancel, forces a real row-major copy: for a (384, 1536) weight 0.1 ms, against
