@@ -133,14 +133,17 @@ def main(argv=None) -> int:
     parser.add_argument("--mode", default="full,lora", help="full, lora or full,lora")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per case per round")
+    parser.add_argument("--rates", metavar="F32,BF16", help="the two product rates in GFLOP/s instead of measuring "
+                        "them (on a busy machine: rates measured when it was quiet); with --rounds 0 the script "
+                        "reads the HLO only and times nothing")
     args = parser.parse_args(argv)
     if allocator.tuned():
         allocator.run_inline()
 
     print(machine.describe(machine.cpu_features()))
-    rates = product_rates()
+    rates = (dict(zip(("f32", "bf16"), map(float, args.rates.split(",")))) if args.rates else product_rates())
     print(f"one (2048 x 384) @ (384 x 1536) product: float32 {rates['f32']:.0f} GFLOP/s, "
-          f"bfloat16 -> float32 {rates['bf16']:.0f} GFLOP/s")
+          f"bfloat16 -> float32 {rates['bf16']:.0f} GFLOP/s{' (given)' if args.rates else ''}")
     model_cfg, train_cfg = preset(args.preset)
     model_cfg = dataclasses.replace(model_cfg, vocab_size=65)
     adapter = lora.LoraConfig(rank=8, alpha=16.0, targets=("all-linear",), fuse_qkv=True)
@@ -159,11 +162,11 @@ def main(argv=None) -> int:
     print(f"\n{'':24} {'ms/step':>8} {'bf16 dots':>10} {'GFLOP':>6} {'f32 dots':>9} {'GFLOP':>6} {'converts':>9} "
           f"{'MB':>6} {'products ms':>12} {'rest ms':>8}")
     for (mode, dtype), p in products.items():
-        ms = 1e3 * statistics.median(times[mode, dtype])
+        ms = 1e3 * statistics.median(times[mode, dtype]) if args.rounds else float("nan")
         at_rate = 1e3 * (p["bf16"][1] / rates["bf16"] + p["f32"][1] / rates["f32"])
         print(f"{mode + ' ' + dtype:24} {ms:8.1f} {p['bf16'][0]:>10} {p['bf16'][1]:6.1f} {p['f32'][0]:>9} "
               f"{p['f32'][1]:6.1f} {p['converts']:>9} {p['convert_MB']:6.0f} {at_rate:12.1f} {ms - at_rate:8.1f}")
-    for mode in args.mode.split(","):
+    for mode in args.mode.split(",") if args.rounds else ():
         f32 = statistics.median(times[mode, "float32"])
         print(f"{mode}: bfloat16 / float32 step time {statistics.median(times[mode, 'bfloat16']) / f32:.3f} "
               f"(with autodiff's gradients {statistics.median(times[mode, 'bfloat16 autodiff']) / f32:.3f})")
