@@ -245,8 +245,9 @@ def ratios_of(rows: dict, modes, args) -> dict:
 def ratio_lines(ratios: dict, modes, args) -> list[str]:
     """The ratios as the run prints them (< 1 means the first named is faster)."""
     if len(args.dtypes) == 1 and len(args.compiles) == 1:
-        lines = [f"ours/torch time, {mode:4}: {fmt(ratios[f'ours_over_torch_{mode}'], '.2f')}   (< 1: ours is faster)"
-                 for mode in modes]
+        torch = "torch" if args.compiles == ("eager",) else "torch.compile"
+        lines = [f"ours/{torch} time, {mode:4}: {fmt(ratios[f'ours_over_torch_{mode}'], '.2f')}   (< 1: ours is "
+                 f"faster)" for mode in modes]
         if len(modes) == 2:
             lines.append(f"LoRA/full time, ours: {fmt(ratios['ours_lora_over_full'], '.2f')}   "
                          f"torch: {fmt(ratios['torch_lora_over_full'], '.2f')}")
