@@ -2,12 +2,14 @@
 
     .venv/bin/python benchmarks/peers/run.py --preset small --mode both --rank 8 --targets all-linear \
         --rounds 5 --steps 3 --dtype float32 --json peers.json
-    # the whole side-by-side: ours and PyTorch eager and torch.compile, float32 and bfloat16, full and LoRA
-    .venv/bin/python benchmarks/peers/run.py --preset small --mode both --dtype both --compile both \
-        --rounds 4 --steps 2 --json peers.json
+    # ours, PyTorch eager and torch.compile, each in float32 and bfloat16: 6 workers (--mode both: 12,
+    # ~20 GB of memory; so one mode per run, README.md)
+    .venv/bin/python benchmarks/peers/run.py --preset small --mode full --dtype both --compile both \
+        --rounds 4 --steps 2 --json peers_full.json
 
-Each (framework, mode, number format, and for torch eager or compiled) gets a long-lived worker process (worker.py). Workers are started one at a
-time, and each builds and warms its step (JAX: compile + warm steps; torch: warm steps). Then the
+Each (framework, mode, number format; for torch also eager or compiled) gets a long-lived worker
+process (worker.py). Workers are started one at a time, and each builds and warms its step (JAX:
+compile + warm steps; torch: warm steps, the first of which compiles under --compile). Then the
 workers take turns, one at a time: in each round every worker times `--steps` steps while the others
 wait on a pipe. Rounds alternate the order (A B C D, then D C B A) so slow drift of the machine falls
 on both sides alike. See README.md beside this file.
@@ -188,8 +190,7 @@ class Worker:
                        other_cpu_fraction=statistics.mean(self.other_cpu) if self.other_cpu else None,
                        times_s=self.times)
         keys = ("trainable_params", "total_params", "base_params", "tokens_per_step", "compile_seconds",
-                "compile_mode",
-                "warmup_seconds", "startup_seconds", "optimizer_state_bytes", "peak_rss_bytes", "xla_flops",
+                "compile_mode", "warmup_seconds", "startup_seconds", "optimizer_state_bytes", "peak_rss_bytes", "xla_flops",
                 "xla_temp_bytes", "attn_implementation", "torch_threads", "torch_interop_threads", "cpu_capability",
                 "targets", "peft_target_modules", "adapted_kinds", "adapted_modules", "backend")
         out.update({k: self.facts[k] for k in keys if k in self.facts})

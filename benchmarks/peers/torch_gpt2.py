@@ -86,7 +86,8 @@ class TorchStep:
     def step(self) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == "bfloat16"):
-            logits = (self.model if self.forward is None else self.forward)(input_ids=self.inputs, use_cache=False).logits  # (B, T, V)
+            model = self.model if self.forward is None else self.forward
+            logits = model(input_ids=self.inputs, use_cache=False).logits  # (B, T, V)
             # float32 loss in both modes, as ours; B·T predicted tokens, mean over them
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), self.targets.reshape(-1))
         loss.backward()
