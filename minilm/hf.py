@@ -83,8 +83,10 @@ def config_from_hf(hf: dict) -> ModelConfig:
     if hf.get("n_ctx", hf["n_positions"]) != hf["n_positions"]:
         raise _refuse("n_ctx", hf["n_ctx"], f"differs from n_positions = {hf['n_positions']}")
     try:
+        n_inner = hf.get("n_inner") or 4 * hf["n_embd"]  # None means GPT-2's 4 D: minilm's default mlp_ratio
         return ModelConfig(vocab_size=hf["vocab_size"], context=hf["n_positions"], width=hf["n_embd"],
-                           layers=hf["n_layer"], heads=hf["n_head"], mlp_units=hf.get("n_inner") or None,
+                           layers=hf["n_layer"], heads=hf["n_head"],
+                           mlp_units=None if n_inner == 4 * hf["n_embd"] else n_inner,
                            gelu=ACTIVATIONS[activation], ln_eps=hf.get("layer_norm_epsilon", 1e-5))
     except MinilmError as e:
         raise MinilmError(f"config.json does not make a valid model: {e}") from None
@@ -183,8 +185,8 @@ def to_minilm(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.
             if layer in ("ln_1", "ln_2"):
                 out[f"{block}.ln{layer[-1]}.{_LN[kind]}"] = x
             elif layer == "attn.c_attn":  # (D, 3D) -> three (D, D), or (3D,) -> three (D,)
-                for i, part in enumerate("qkv"):
-                    out[f"{block}.attn.{part}.{_LINEAR[kind]}"] = x[..., i * D:(i + 1) * D]
+                for i, part in enumerate("qkv"):  # a copy: safetensors writes a strided view's buffer as it lies
+                    out[f"{block}.attn.{part}.{_LINEAR[kind]}"] = np.ascontiguousarray(x[..., i * D:(i + 1) * D])
             elif layer in _LAYERS:
                 out[f"{block}.{_LAYERS[layer]}.{_LINEAR[kind]}"] = x
             else:

@@ -38,7 +38,7 @@ def train_bpe(vocab_size: int = V, text: str = SAMPLE_TEXT):
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, initial_alphabet=[], show_progress=False)
-    tokenizer.train_from_iterator(text.splitlines(), trainer)
+    tokenizer.train_from_iterator([text], trainer)  # one text: its newlines are in the alphabet too
     tokenizer.add_special_tokens([END_OF_TEXT])
     assert tokenizer.get_vocab_size() == vocab_size, tokenizer.get_vocab_size()
     return tokenizer
