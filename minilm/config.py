@@ -226,6 +226,12 @@ PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
     "small": (ModelConfig(context=256, width=384, layers=6, heads=6),
               TrainConfig(steps=2000, batch_size=8, grad_accum=1, lr=1e-3, min_lr=1e-4,
                           warmup=0.05, eval_every=250, checkpoint_every=500)),
+    # GPT-2 small, 124M parameters (Radford et al. 2019): what `minilm import-hf` brings in from the `gpt2`
+    # folder; random weights otherwise (`minilm bench --preset gpt2`). One 1024-token sequence per step: on
+    # 2 CPU cores a full step is ~0.8 TFLOP (several seconds); its memory, a few GiB, fits a 24 GiB laptop.
+    "gpt2": (ModelConfig(vocab_size=50257, context=1024, width=768, layers=12, heads=12),
+             TrainConfig(steps=300, batch_size=1, grad_accum=1, lr=1e-4, min_lr=1e-5, warmup=0.1,
+                         eval_every=50, eval_batches=4, checkpoint_every=100)),
 }
 
 
