@@ -275,3 +275,32 @@ def test_export_refuses_what_transformers_cannot_read(tmp_path, capsys, folders)
     line = error_line(capsys, "export-hf", str(tmp_path / "imported"), "--out", str(theirs), "--overwrite")
     assert "not written by minilm" in line and (theirs / "notes.txt").read_text() == "mine"
     assert not (theirs / MARK).exists()
+
+
+def test_a_word_of_several_sub_tokens_has_one_vector(bpe):
+    """In context, the state at its last sub-token, averaged over its whole occurrences; static, the mean row."""
+    from minilm.analysis.compare import static_vectors, word_vectors
+
+    tokenizer = BpeTokenizer.from_spec(bpe.to_str())
+    span = tokenizer.word_ids("insurers")
+    windows = tokenizer.encode("the insurers said the insurs insurers pay")[None]  # (1, T); one near miss
+    states = np.random.default_rng(0).normal(size=(3, *windows.shape, 5))  # (L+1, B, T, D)
+    ends = [t for t in range(len(span) - 1, windows.shape[1])
+            if tuple(windows[0, t - len(span) + 1: t + 1]) == span]
+    assert len(ends) == 2
+    np.testing.assert_array_equal(word_vectors(states, windows, [span])[:, 0], states[:, 0, ends].mean(axis=1))
+    table = np.random.default_rng(1).normal(size=(hm.V, 5))
+    np.testing.assert_array_equal(static_vectors(table, [span, span[:1]]),
+                                  np.stack([table[list(span)].mean(axis=0), table[span[0]]]))
+
+
+def test_compare_reads_words_of_an_imported_model(folders, tmp_path, bpe):
+    """`minilm compare --words --probe` on two imported GPT-2s of one shape (the second another seed)."""
+    base_run, tuned_run = tmp_path / "base", tmp_path / "tuned"
+    other = hm.save_folder(hm.tiny_gpt2(seed=7), tmp_path / "other", bpe=bpe)
+    assert main(["import-hf", str(folders["gelu_new"][1]), "--out", str(base_run)]) == 0
+    assert main(["import-hf", str(other), "--out", str(tuned_run)]) == 0
+    assert main(["compare", str(base_run), str(tuned_run), "--words", "justice,insurers,court", "--probe",
+                 "The court heard the insurers", "--no-corpus-probe", "--out", str(tmp_path / "report")]) == 0
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["probe"]["words"] == ["justice", "insurers", "court"]
