@@ -7,6 +7,8 @@ config, parameter tree and tokenizer, and written back so `GPT2LMHeadModel.from_
     model.safetensors, or shards listed in     params: a plain tree of float32 arrays
       model.safetensors.index.json
     tokenizer.json, or vocab.json + merges.txt BpeTokenizer (minilm/tokenizer.py)
+                                               (minilm's char and word vocabularies export as a
+                                               WordLevel tokenizer.json with the same ids)
 
 The weights map one to one except for attention. GPT-2 stores each linear layer as a `Conv1D` whose
 weight is (d_in, d_out), minilm's own layout (x @ W), so nothing is transposed; its query, key and value
@@ -246,11 +248,32 @@ def read_tokenizer(folder: Path) -> BpeTokenizer:
                       f"(transformers' tokenizer.save_pretrained writes them)")
 
 
+def plain_backend(tokenizer: Tokenizer):
+    """minilm's char or word vocabulary as a tokenizers-library WordLevel tokenizer with the same ids: characters
+    one by one (newlines too), or words split on spaces and tabs with each newline a token of its own."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
+
+    backend = Backend(models.WordLevel(dict(tokenizer.index), unk_token=tokenizer.vocab[0]))
+    if tokenizer.kind == "char":
+        backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"(?m)."), "isolated")  # (?m): "." matches a newline
+        backend.decoder = decoders.Fuse()  # characters join with nothing between them
+    else:  # the pieces are the matches: runs of non-space characters, and each newline alone
+        backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[^ \t\n]+|\n"), "removed", invert=True)
+    return backend
+
+
 def write_tokenizer(folder: Path, tokenizer: Tokenizer, context: int) -> None:
-    """tokenizer.json (+ vocab.json and merges.txt for a BPE) and tokenizer_config.json, as AutoTokenizer reads them."""
+    """tokenizer.json (+ vocab.json and merges.txt for a BPE) and tokenizer_config.json, as AutoTokenizer reads them.
+
+    minilm's own char and word vocabularies are written as a WordLevel tokenizer.json (plain_backend) that
+    gives the same ids; transformers' decode joins a word vocabulary's tokens with spaces, newlines too."""
     if not isinstance(tokenizer, BpeTokenizer):
-        raise MinilmError(f"this model's tokenizer is minilm's {tokenizer.kind} vocabulary, which transformers "
-                          f"cannot read; only models with a BPE tokenizer (imported from Hugging Face) export")
+        backend = plain_backend(tokenizer)
+        backend.save(str(folder / "tokenizer.json"))
+        settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context}
+        (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=1), encoding="utf-8")
+        return
     backend = tokenizer._backend
     backend.save(str(folder / "tokenizer.json"))
     backend.model.save(str(folder))  # vocab.json, merges.txt: what the slow GPT2Tokenizer reads

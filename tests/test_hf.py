@@ -252,21 +252,45 @@ def test_import_refuses_a_broken_folder_in_one_line(folders, tmp_path, capsys, c
     assert not (tmp_path / "run").exists()
 
 
-def test_export_refuses_what_transformers_cannot_read(tmp_path, capsys, folders):
-    # a model with minilm's own word vocabulary: no GPT-2 tokenizer to write
+def _word_model_run(tmp_path, mlp: bool, kind: str = "word"):
+    """A minilm run folder with minilm's own word or char vocabulary (scrambled weights), as `train` leaves one."""
     from minilm.config import DataConfig, ModelConfig, TrainConfig
     from minilm.tokenizer import Tokenizer
 
-    words = Tokenizer("word", ("a", "b", "c"))
-    for mlp, expected in ((True, "word vocabulary"), (False, "attention-only")):
-        cfg = ModelConfig(vocab_size=3, context=5, width=4, layers=1, heads=2, mlp=mlp)
-        run_dir = tmp_path / f"run{mlp}"
-        checkpoint.save(run_dir / "checkpoint", params=init(cfg, key=jax.random.key(0)), opt_state={}, model_cfg=cfg,
-                        train_cfg=TrainConfig(), data_cfg=DataConfig(), tokenizer=words,
-                        state={"step": 0, "data_cursor": 0, "key": checkpoint.key_to_json(jax.random.key(0))})
-        line = error_line(capsys, "export-hf", str(run_dir), "--out", str(tmp_path / "hf"))
-        assert expected in line, line
-        assert not (tmp_path / "hf").exists()
+    from helpers import scrambled
+
+    words = (Tokenizer("word", ("\n", "court", "judge", "the", "spoke", "justice", "of")) if kind == "word" else
+             Tokenizer.build("char", "the judge spoke\nof justice, the court"))
+    cfg = ModelConfig(vocab_size=words.size, context=5, width=6, layers=1, heads=2, mlp=mlp, mlp_ratio=3)
+    run_dir = tmp_path / f"{kind}{mlp}"
+    checkpoint.save(run_dir / "checkpoint", params=scrambled(init(cfg, key=jax.random.key(0)), seed=5), opt_state={},
+                    model_cfg=cfg, train_cfg=TrainConfig(), data_cfg=DataConfig(), tokenizer=words,
+                    state={"step": 0, "data_cursor": 0, "key": checkpoint.key_to_json(jax.random.key(0))})
+    return run_dir, cfg, words
+
+
+@pytest.mark.parametrize("kind", ["word", "char"])
+def test_a_minilm_model_exports_with_its_own_vocabulary(tmp_path, capsys, kind):
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    run_dir, cfg, words = _word_model_run(tmp_path, mlp=True, kind=kind)
+    assert main(["export-hf", str(run_dir), "--out", str(tmp_path / "hf")]) == 0
+    text = "the judge spoke\nof justice  the court"
+    ids = AutoTokenizer.from_pretrained(tmp_path / "hf")(text)["input_ids"]
+    assert ids == words.encode(text).tolist()
+    if kind == "char":  # characters join back with nothing between them
+        assert AutoTokenizer.from_pretrained(tmp_path / "hf").decode(ids) == text
+    batch = np.array([ids[:5], ids[-5:]])
+    params = checkpoint.load(run_dir).params
+    model = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    assert np.abs(minilm_logits(cfg, params, batch) - hm.logits(model, batch)).max() <= TOLERANCE
+
+
+def test_export_refuses_what_transformers_cannot_read(tmp_path, capsys, folders):
+    run_dir, _, _ = _word_model_run(tmp_path, mlp=False)
+    line = error_line(capsys, "export-hf", str(run_dir), "--out", str(tmp_path / "hf"))
+    assert "attention-only" in line, line
+    assert not (tmp_path / "hf").exists()
     # an --out minilm did not write is never replaced
     theirs = tmp_path / "theirs"
     theirs.mkdir()

@@ -39,8 +39,8 @@ def add_parser(commands) -> None:
         description="Write RUN's model as a Hugging Face GPT-2 folder: config.json, model.safetensors, and the "
                     "tokenizer files (tokenizer.json, vocab.json, merges.txt, tokenizer_config.json), which "
                     "transformers' GPT2LMHeadModel.from_pretrained and AutoTokenizer.from_pretrained load with the "
-                    "same logits and token ids. The model needs a BPE tokenizer (one imported with import-hf) and "
-                    "MLPs (GPT-2 has no attention-only blocks). To export a LoRA fine-tune, merge it first: "
+                    "same logits and token ids; a char or word vocabulary becomes a WordLevel tokenizer.json. The "
+                    "model needs MLPs (GPT-2 has no attention-only blocks). To export a LoRA fine-tune, merge it first: "
                     "minilm merge BASE ADAPTER --out MERGED.",
         epilog="example: minilm export-hf runs/gpt2 --out gpt2-again; then in Python: "
                "GPT2LMHeadModel.from_pretrained('gpt2-again')")
