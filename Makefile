@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# make test installs the test extra too: torch (CPU), transformers and peft, the interop tests' oracles
+TEST_STAMP := $(VENV)/.installed-test
 # glibc's tunables for XLA's step memory (huge pages, kept between steps): ~20% faster steps on Linux.
 # minilm/allocator.py says which and why; it needs nothing beyond the standard library.
 export GLIBC_TUNABLES := $(shell $(PYTHON) -c 'from minilm.allocator import environment; print(environment()["GLIBC_TUNABLES"])')
@@ -17,6 +19,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@touch $@
 
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,test]'
+	@touch $@
+
 demo: $(STAMP)
 	$(BIN)/python experiments/01_what_changes.py --out runs/01_what_changes
 
@@ -24,10 +30,10 @@ demo: $(STAMP)
 # compilation, so two files at once use both cores (core suite: 289 -> 225 s here).
 TESTS := $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(TESTS)
 
-test-core: $(STAMP)
+test-core: $(TEST_STAMP)
 	$(TESTS) -m "not experiments and not browser"
 
 bench: $(STAMP)

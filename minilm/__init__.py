@@ -9,7 +9,7 @@ project uses these letters, each with this one meaning (docs/DESIGN.md says why 
     D  model width (the residual stream)
     H  attention heads
     K  head size, D / H
-    F  MLP width, mlp_ratio · D (4 D by default)
+    F  MLP width, mlp_ratio · D (4 D by default) or ModelConfig.mlp_units
     V  vocabulary
     L  layers (blocks)
     R  LoRA rank

@@ -154,7 +154,7 @@ def save(path: Path, *, params, opt_state, model_cfg: ModelConfig, train_cfg: Tr
     """Write the checkpoint folder `path` atomically (see the module docstring); refuse non-finite weights.
     If the write fails (disk full, no permission), only its own temporary folder is removed."""
     path = Path(path)
-    arrays = {k: np.asarray(v) for k, v in named_leaves(params).items()}
+    arrays = {k: np.ascontiguousarray(v) for k, v in named_leaves(params).items()}  # safetensors writes a strided view wrongly
     moments = {k: np.asarray(v) for k, v in named_leaves(opt_state).items()}
     check_finite(arrays, f"not saving {path}")
     check_finite(moments, f"not saving {path} (optimizer state)")

@@ -83,6 +83,9 @@ def _check_positive(cfg, *names):
             raise MinilmError(f"{name} = {value} must be positive; pass a value > 0 with {_flag(name)}")
 
 
+GELUS = ("tanh", "erf")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """A GPT-2 style decoder: sizes only. The vocabulary size comes from the tokenizer."""
@@ -93,11 +96,20 @@ class ModelConfig:
     layers: int = option(2, "number of transformer blocks L")
     heads: int = option(4, "attention heads H per block; width must be divisible by heads")
     mlp_ratio: int = option(4, "MLP hidden width F as a multiple of the model width")
+    mlp_units: int | None = option(None, "MLP hidden width F in units, overriding --mlp-ratio (imported GPT-2s "
+                                         "may have any F)")
     mlp: bool = option(True, "give every block an MLP; without, the model is attention-only (Elhage et al. 2021)")
+    gelu: str = option("tanh", "the MLP's GELU: tanh (GPT-2's approximation, transformers' gelu_new) or erf "
+                               "(the exact form, transformers' gelu)", metavar="FORM", choices=GELUS)
+    ln_eps: float = option(1e-5, "epsilon added to the variance in every LayerNorm (GPT-2: 1e-5)")
 
     def __post_init__(self):
         check_types(self)
-        _check_positive(self, "context", "width", "layers", "heads", "mlp_ratio")
+        _check_positive(self, "context", "width", "layers", "heads", "mlp_ratio", "ln_eps")
+        if self.mlp_units is not None:
+            _check_positive(self, "mlp_units")
+        if self.gelu not in GELUS:
+            raise MinilmError(f"gelu = {self.gelu!r}; expected one of {', '.join(GELUS)}")
         if self.vocab_size < 0:
             raise MinilmError(f"vocab_size = {self.vocab_size} must be positive")
         if self.width % self.heads:
@@ -112,7 +124,7 @@ class ModelConfig:
 
     @property
     def mlp_width(self) -> int:
-        return self.mlp_ratio * self.width
+        return self.mlp_ratio * self.width if self.mlp_units is None else self.mlp_units
 
 
 DTYPES = ("float32", "bfloat16")
@@ -214,6 +226,12 @@ PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
     "small": (ModelConfig(context=256, width=384, layers=6, heads=6),
               TrainConfig(steps=2000, batch_size=8, grad_accum=1, lr=1e-3, min_lr=1e-4,
                           warmup=0.05, eval_every=250, checkpoint_every=500)),
+    # GPT-2 small, 124M parameters (Radford et al. 2019): what `minilm import-hf` brings in from the `gpt2`
+    # folder; random weights otherwise (`minilm bench --preset gpt2`). One 1024-token sequence per step: on
+    # 2 CPU cores a full step is ~0.8 TFLOP (several seconds); its memory, a few GiB, fits a 24 GiB laptop.
+    "gpt2": (ModelConfig(vocab_size=50257, context=1024, width=768, layers=12, heads=12),
+             TrainConfig(steps=300, batch_size=1, grad_accum=1, lr=1e-4, min_lr=1e-5, warmup=0.1,
+                         eval_every=50, eval_batches=4, checkpoint_every=100)),
 }
 
 

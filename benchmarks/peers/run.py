@@ -45,7 +45,7 @@ def parse_args(argv=None):
                     "(+ PEFT LoRA), alternately, each framework in its own process; print ms/step, tokens/s, "
                     "parameter counts and the ratios. Needs: pip install -e '.[peers]'.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--preset", default="small", help="minilm preset (tiny or small); vocabulary 65")
+    parser.add_argument("--preset", default="small", help="minilm preset (tiny, small or gpt2); vocabulary 65, gpt2's 50257")
     parser.add_argument("--mode", choices=("full", "lora", "both"), default="both",
                         help="full fine-tuning, LoRA, or both (then 4 workers: LoRA/full of one framework is "
                              "measured in the same run)")

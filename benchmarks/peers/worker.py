@@ -37,6 +37,13 @@ def lora_targets(name: str) -> tuple[str, ...]:
     return {"all-linear": ("all-linear",), "attn.*": ("attn.*",), "attn.q,attn.v": ("attn.q", "attn.v")}[name]
 
 
+def vocab(args) -> int:
+    """--vocab, else the preset's own (gpt2: 50257), else shakespeare-char's 65."""
+    import minilm.config
+
+    return args.vocab or minilm.config.preset(args.preset)[0].vocab_size or 65
+
+
 class JaxSide:
     """minilm's own step (minilm.bench.train_step_case, or lora.train_step_case): compiled, then one warm step."""
 
@@ -52,7 +59,7 @@ class JaxSide:
             allocator.run_inline()
 
         model_cfg, train_cfg = minilm.config.preset(args.preset)
-        model_cfg = dataclasses.replace(model_cfg, vocab_size=args.vocab)
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab(args))
         lora_cfg = None
         if args.mode == "lora":
             lora_cfg = lora.LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=lora_targets(args.targets),
@@ -93,7 +100,7 @@ class TorchSide:
 
         model_cfg, train_cfg = minilm.config.preset(args.preset)
         self.step = torch_gpt2.build(
-            vocab=args.vocab, context=model_cfg.context, width=model_cfg.width, layers=model_cfg.layers,
+            vocab=vocab(args), context=model_cfg.context, width=model_cfg.width, layers=model_cfg.layers,
             heads=model_cfg.heads, batch=train_cfg.grad_accum * train_cfg.batch_size, mode=args.mode,
             rank=args.rank, targets=args.targets, dtype=args.dtype, seed=args.seed, threads=args.threads,
             compile=args.compile)
@@ -118,7 +125,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="One side of benchmarks/peers/run.py (started by it).")
     parser.add_argument("--side", choices=("jax", "torch"), required=True)
     parser.add_argument("--preset", default="small")
-    parser.add_argument("--vocab", type=int, default=65)
+    parser.add_argument("--vocab", type=int, default=None, help="default: the preset's (gpt2: 50257), else 65")
     parser.add_argument("--mode", choices=("full", "lora"), default="full")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--targets", default="all-linear", choices=("all-linear", "attn.*", "attn.q,attn.v"))

@@ -63,10 +63,10 @@ def make_probe(tokenizer: Tokenizer, cfg: ModelConfig, *, corpus: Corpus | None 
     groups = {k: tuple(v) for k, v in (corpus.groups.items() if corpus else ())}
     asked = list(dict.fromkeys([*words, *(w for g in groups.values() for w in g),
                                 *(w for p in (corpus.pairs + corpus.controls if corpus else ()) for w in p)]))
-    known = [w for w in asked if w in tokenizer.index]
+    known = [w for w in asked if tokenizer.word_ids(w) is not None]  # a BPE spells every word, in sub-tokens
     all_sentences = [*sentences, *(corpus.probes if corpus else ())]
     oov = [t for s in all_sentences for t in tokenizer.tokens(s) if t not in tokenizer.index]
-    missing = tuple(dict.fromkeys([*(w for w in asked if w not in tokenizer.index), *oov]))
+    missing = tuple(dict.fromkeys([*(w for w in asked if w not in known), *oov]))
     # a sentence with a token the model does not know cannot be run; its unknown tokens are in `missing`
     sentences = tuple(s for s in all_sentences if all(t in tokenizer.index for t in tokenizer.tokens(s)))
     if not known and not sentences:
@@ -74,16 +74,16 @@ def make_probe(tokenizer: Tokenizer, cfg: ModelConfig, *, corpus: Corpus | None 
                           "pass --words or --probe text made of the model's tokens")
     text = corpus.text if corpus else "\n".join(sentences)
     # words alone (no corpus, no sentence) are read in a context made of the words themselves
-    ids = tokenizer.encode(text) if text else np.asarray([tokenizer.index[w] for w in known])
+    ids = tokenizer.encode(text) if text else np.asarray([i for w in known for i in tokenizer.word_ids(w)])
     T = cfg.context
     if len(ids) < T:
         ids = np.resize(ids, T)  # a short probe text repeats to fill one window
     B = max(1, min(max_tokens // T, len(ids) // T))
     windows = ids[: B * T].reshape(B, T)  # (B·T,) -> (B, T)
-    keep = lambda g: tuple(w for w in g if w in tokenizer.index)  # noqa: E731
+    keep = lambda g: tuple(w for w in g if w in known)  # noqa: E731
     return Probe(tuple(known), missing, {k: keep(v) for k, v in groups.items() if len(keep(v)) >= 2},
-                 tuple(p for p in (corpus.pairs if corpus else ()) if all(w in tokenizer.index for w in p)),
-                 tuple(p for p in (corpus.controls if corpus else ()) if all(w in tokenizer.index for w in p)),
+                 tuple(p for p in (corpus.pairs if corpus else ()) if all(w in known for w in p)),
+                 tuple(p for p in (corpus.controls if corpus else ()) if all(w in known for w in p)),
                  sentences, windows)
 
 
@@ -133,11 +133,24 @@ def _hidden_states(params, windows, cfg):
     return states, np.asarray(trace["attn_probs"])
 
 
-def word_vectors(states: np.ndarray, windows: np.ndarray, ids: list[int]) -> np.ndarray:
-    """Per layer, each word's hidden state averaged over all its occurrences: (L+1, M, D); NaN if absent."""
+def occurrences(windows: np.ndarray, span) -> np.ndarray:
+    """Where a word's sub-token ids `span` (one id, or a tuple) end in the windows: a (B, T) mask that is true
+    at the last sub-token of each whole occurrence (minilm/tokenizer.py says why the last one)."""
+    span = (span,) if np.ndim(span) == 0 else tuple(span)
+    n, T = len(span), windows.shape[1]
+    where = np.zeros(windows.shape, bool)
+    if n <= T:  # the sub-token k places before the end must be span[-1 - k], for every k
+        where[:, n - 1:] = np.all([windows[:, n - 1 - k: T - k] == span[-1 - k] for k in range(n)], axis=0)
+    return where
+
+
+def word_vectors(states: np.ndarray, windows: np.ndarray, ids: list) -> np.ndarray:
+    """Per layer, each word's hidden state averaged over all its occurrences: (L+1, M, D); NaN if absent.
+
+    ids: per word, its token id, or its sub-token ids (a tuple): then the state at its last sub-token."""
     out = np.full((states.shape[0], len(ids), states.shape[-1]), np.nan)
     for j, i in enumerate(ids):
-        where = windows == i  # (B, T)
+        where = occurrences(windows, i)  # (B, T)
         if where.any():
             out[:, j] = states[:, where].mean(axis=1)
     return out
@@ -159,24 +172,50 @@ def _word_geometry(x: np.ndarray, probe: Probe, words: list[str]) -> dict:
     return out
 
 
+def static_vectors(table, ids: list) -> np.ndarray:
+    """Each word's static vector (M, D): its token's row of the embedding table (V, D), or the mean of its
+    sub-tokens' rows (minilm/tokenizer.py says why)."""
+    table = np.asarray(table)
+    return np.array([table[span[0]] if len(span) == 1 else table[list(span)].mean(axis=0) for span in ids]
+                    ).reshape(len(ids), table.shape[1])
+
+
+MAX_NEIGHBOUR_VOCAB = 4096  # beyond this, a (V, V) cosine matrix is too big (GPT-2's: 50257², 20 GB)
+
+
+def _neighbours(table, tokenizer: Tokenizer, words: list[str], static: np.ndarray, k: int = 5) -> dict:
+    """Nearest tokens by cosine: every token's among all (a small vocabulary), else each probe word's (M, D)
+    among the whole table, its own sub-tokens left out."""
+    table = np.asarray(table)
+    if len(tokenizer.vocab) <= MAX_NEIGHBOUR_VOCAB:
+        return geometry.nearest_neighbours(table, tokenizer.vocab, k=k)
+    unit = table / np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-12)  # (V, D)
+    out = {}
+    for word, x in zip(words, static):
+        cosine = unit @ (x / max(np.linalg.norm(x), 1e-12))  # (V,)
+        own = set(tokenizer.word_ids(word))
+        ranked = [j for j in np.argsort(-cosine, kind="stable")[: k + len(own)] if j not in own][:k]
+        out[word] = [(tokenizer.vocab[j], float(cosine[j])) for j in ranked]
+    return out
+
+
 def compare_vectors(base: Model, tuned: Model, probe: Probe, tokenizer: Tokenizer, cfg: ModelConfig,
                     base_states=None) -> dict:
     """Static embeddings, contextual vectors per layer, CKA, attention and logit lens, base vs tuned.
 
     `base_states`: the base model's `_hidden_states` on the probe, if already computed (compare reuses them)."""
     words = list(probe.words)
-    ids = [tokenizer.index[w] for w in words]
+    ids = [tokenizer.word_ids(w) for w in words]  # per word, its sub-token ids: one, or several for a BPE
     b_states, b_attn = base_states or _hidden_states(base.params, probe.windows, cfg)
     t_states, t_attn = _hidden_states(tuned.params, probe.windows, cfg)
-    static_b = np.asarray(base.params["embed"]["tok"])[ids]
-    static_t = np.asarray(tuned.params["embed"]["tok"])[ids]
+    static_b = static_vectors(base.params["embed"]["tok"], ids)
+    static_t = static_vectors(tuned.params["embed"]["tok"], ids)
     out = {"static": {
         "cosine_base": geometry.cosine_matrix(static_b).tolist(),
         "cosine_tuned": geometry.cosine_matrix(static_t).tolist(),
         "max_abs_change": float(np.max(np.abs(static_t - static_b))) if ids else 0.0,
-        "neighbours_base": geometry.nearest_neighbours(np.asarray(base.params["embed"]["tok"]), tokenizer.vocab, k=5),
-        "neighbours_tuned": geometry.nearest_neighbours(np.asarray(tuned.params["embed"]["tok"]), tokenizer.vocab,
-                                                        k=5),
+        "neighbours_base": _neighbours(base.params["embed"]["tok"], tokenizer, words, static_b),
+        "neighbours_tuned": _neighbours(tuned.params["embed"]["tok"], tokenizer, words, static_t),
         "base": _word_geometry(static_b, probe, words), "tuned": _word_geometry(static_t, probe, words)}}
     ctx_b, ctx_t = word_vectors(b_states, probe.windows, ids), word_vectors(t_states, probe.windows, ids)
     out["contextual"] = [{"layer": layer, "base": _word_geometry(ctx_b[layer], probe, words),

@@ -36,7 +36,7 @@ def logit_lens(params: dict, trace: dict, cfg: ModelConfig) -> jax.Array:
         raise MinilmError(f"trace has residual streams of shape {post.shape}; a model with layers={cfg.layers} and "
                           f"width={cfg.width} needs (L, B, T, D) = ({cfg.layers}, B, T, {cfg.width})")
     streams = jnp.concatenate([pre[:1], post])  # (L+1, B, T, D)
-    return layer_norm(streams, params["ln_f"]) @ params["embed"]["tok"].T  # (L+1, B, T, D) @ (D, V)
+    return layer_norm(streams, params["ln_f"], cfg.ln_eps) @ params["embed"]["tok"].T  # (L+1, B, T, D) @ (D, V)
 
 
 def top_predictions(lens_logits, tokenizer: Tokenizer, position: int, k: int = 3, batch_index: int = 0

@@ -1,6 +1,6 @@
 """The `minilm` command: the one place that wires config, data, model, training, LoRA and files together.
 
-One module per command (train, sample, finetune, merge, compare, bench), each with `add_parser`,
+One module per command (train, sample, finetune, merge, compare, bench; hf holds import-hf and export-hf), each with `add_parser`,
 which registers its subcommand, and `run(args) -> int`, which does it; fit.py is the training loop
 that train and finetune share, flags.py turns config dataclass fields into flags. A command module
 imports at its top only what its parser needs; what running it needs (JAX, lora, matplotlib, ...) it
@@ -20,10 +20,10 @@ import sys
 import warnings
 
 from minilm import allocator
-from minilm.cli import bench, compare, finetune, merge, sample, train
+from minilm.cli import bench, compare, finetune, hf, merge, sample, train
 from minilm.errors import MinilmError
 
-COMMANDS = (train, sample, finetune, merge, compare, bench)  # in the order `minilm --help` lists them
+COMMANDS = (train, sample, finetune, merge, compare, hf, bench)  # in the order `minilm --help` lists them
 
 
 class Parser(argparse.ArgumentParser):

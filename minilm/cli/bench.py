@@ -52,10 +52,11 @@ def add_parser(commands) -> None:
     p.add_argument("--json", metavar="PATH", help="write every figure to this JSON file")
     models = preset_note(0)
     add_config_flags(p, ModelConfig, "model (defaults from --preset)", names=MODEL_SIZES,
-                     default_note=lambda f: (f"bench has no tokenizer; default: {VOCAB_SIZE}, shakespeare-char's"
+                     default_note=lambda f: (f"bench has no tokenizer; default: the preset's (gpt2: 50257), else "
+                                             f"{VOCAB_SIZE}, shakespeare-char's"
                                              if f.name == "vocab_size" else models(f)))
     add_config_flags(p, TrainConfig, "training (defaults from --preset)", preset_note(1), names=TRAIN_SIZES)
-    p.set_defaults(run=run, vocab_size=VOCAB_SIZE)
+    p.set_defaults(run=run)
 
 
 def int_list(text: str, flag: str) -> list[int]:
@@ -124,6 +125,8 @@ def check_inputs(args, model_cfg: ModelConfig, train_cfg: TrainConfig, lora_cfg,
 def configs(args) -> tuple[ModelConfig, TrainConfig]:
     """The preset's model and training configs with the size flags given on the command line."""
     base_model, base_train = preset(args.preset)
+    if args.vocab_size is None:  # a preset with its own vocabulary (gpt2) keeps it
+        args.vocab_size = base_model.vocab_size or VOCAB_SIZE
     if args.vocab_size < 1:  # bench has no tokenizer to set it from: the flag is the vocabulary
         raise MinilmError(f"--vocab-size {args.vocab_size}: expected a vocabulary of at least 1 token, "
                           f"e.g. --vocab-size {VOCAB_SIZE}")
