@@ -107,26 +107,29 @@ def _make_step(model_cfg: ModelConfig, train_cfg: TrainConfig, loss=loss_fn, *, 
     does not, so a step called by hand leaves its arguments alone.
 
     On a device mesh (`layout`, a minilm.mesh.Layout; None: one device) the batch is split over every
-    device and the gradients, new parameters and optimizer state are pinned to the layout's shardings:
-    with the state split over `fsdp` the gradient's sum over devices becomes a reduce-scatter (ZeRO-3).
+    device; the weights are gathered whole for the forward and backward passes (an all-gather of what is
+    split over `fsdp`), and the gradients, new parameters and optimizer state are pinned to the layout's
+    shardings, so the gradient's sum over devices becomes a reduce-scatter where the state is split (ZeRO-3).
     """
     opt = optimizer(train_cfg)
     pin = layout.constrain if layout is not None else (lambda tree: tree)
     grad_fn = jax.value_and_grad(mixed_precision(loss, train_cfg.dtype))  # d/d(trainable) only: argument 0
 
     def step(trainable, frozen, opt_state, windows, key):
-        if layout is not None:
+        weights, frozen_weights = trainable, frozen
+        if layout is not None:  # ZeRO-3: gather the weights, compute data-parallel, scatter the gradients
             windows = layout.constrain_batch(windows)
+            weights, frozen_weights = layout.gathered(trainable), layout.gathered(frozen)
         keys = jax.random.split(key, windows.shape[0])
         if windows.shape[0] == 1:
-            loss_value, grads = grad_fn(trainable, frozen, windows[0], model_cfg, keys[0])
+            loss_value, grads = grad_fn(weights, frozen_weights, windows[0], model_cfg, keys[0])
         else:
             def accumulate(total, micro_batch):
                 micro_windows, micro_key = micro_batch
-                value, g = grad_fn(trainable, frozen, micro_windows, model_cfg, micro_key)
+                value, g = grad_fn(weights, frozen_weights, micro_windows, model_cfg, micro_key)
                 return jax.tree.map(jnp.add, total, g), value
 
-            zeros = jax.tree.map(jnp.zeros_like, trainable)
+            zeros = jax.tree.map(jnp.zeros_like, weights)
             grads, losses = jax.lax.scan(accumulate, zeros, (windows, keys))
             grads = jax.tree.map(lambda g: g / windows.shape[0], grads)
             loss_value = losses.mean()
