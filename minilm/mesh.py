@@ -76,15 +76,15 @@ def make_mesh(sizes: dict[str, int], batch_size: int) -> jax.sharding.Mesh:
     """The (data, fsdp) mesh over all devices of all processes; checks the device count and the batch."""
     wanted = sizes["data"] * sizes["fsdp"]
     spec = ",".join(f"{a}={sizes[a]}" for a in AXES)
+    if batch_size % wanted:
+        raise MinilmError(f"--batch-size {batch_size} is not divisible by the {wanted} devices of --mesh {spec}: "
+                          f"the batch is split over data x fsdp; choose a batch size that is a multiple of {wanted}")
     if wanted != jax.device_count():
         more = "more devices than exist" if wanted > jax.device_count() else "fewer devices than exist"
         raise MinilmError(f"--mesh {spec} needs {wanted} devices ({more}): JAX sees {jax.device_count()} "
                           f"{jax.default_backend()} device(s) in {jax.process_count()} process(es); give axes whose "
                           f"sizes multiply to {jax.device_count()} (on CPU, XLA_FLAGS="
                           f"--xla_force_host_platform_device_count=N emulates N devices)")
-    if batch_size % wanted:
-        raise MinilmError(f"--batch-size {batch_size} is not divisible by the {wanted} devices of --mesh {spec}: "
-                          f"the batch is split over data x fsdp; choose a batch size that is a multiple of {wanted}")
     return jax.make_mesh((sizes["data"], sizes["fsdp"]), AXES,
                          axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
 
@@ -150,7 +150,11 @@ class Layout:
         Each process builds only the slices its own devices hold."""
         def one(path, x):
             if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-                return jax.device_put(x, NamedSharding(self.mesh, P()))  # a PRNG key: replicated
+                # a PRNG key, replicated: placed as its raw uint32 words (device_put cannot reach other
+                # processes' devices), then typed as a key again
+                words = np.asarray(jax.random.key_data(x))
+                placed = jax.make_array_from_callback(words.shape, NamedSharding(self.mesh, P()), lambda i: words[i])
+                return jax.random.wrap_key_data(placed, impl=jax.random.key_impl(x))
             host = np.asarray(x)
             sharding = self.sharding(path_name(path), host.shape)
             return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
