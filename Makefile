@@ -28,7 +28,7 @@ test: $(STAMP)
 	$(TESTS)
 
 test-core: $(STAMP)
-	$(TESTS) -m "not experiments and not browser"
+	$(TESTS) -m "not experiments and not browser and not mesh"
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks --benchmark-columns=median,rounds --benchmark-sort=name
