@@ -34,7 +34,7 @@ test: $(TEST_STAMP)
 	$(TESTS)
 
 test-core: $(TEST_STAMP)
-	$(TESTS) -m "not experiments and not browser"
+	$(TESTS) -m "not experiments and not browser and not mesh"
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks --benchmark-columns=median,rounds --benchmark-sort=name

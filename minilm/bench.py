@@ -13,6 +13,8 @@ the shapes alone.
 
 from __future__ import annotations
 
+import math
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ from minilm.config import ModelConfig, TrainConfig
 from minilm.contention import peak_rss_bytes
 from minilm.model import init
 from minilm.train import loss_fn, make_step, mixed_precision, optimizer
-from minilm.tree import partition, size
+from minilm.tree import named_leaves, partition, size
 
 
 def nbytes(tree) -> int:
@@ -364,3 +366,123 @@ def explain(r: dict) -> str:
                  f"rest {_rest(o_full, ',.0f')} vs {_rest(o_lora, ',.0f')} ms (the optimizer update, and what "
                  f"compiling the parts apart changes).")
     return text
+
+
+# ---------------------------------------------------------------- on a device mesh: memory and traffic per device
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s64": 8, "u64": 8, "s32": 4, "u32": 4, "s16": 2, "u16": 2,
+                "s8": 1, "u8": 1, "pred": 1}
+_COLLECTIVE_LINE = re.compile(r"=\s*(?P<result>.+?)\s+(?P<op>" + "|".join(COLLECTIVES) + r")(?:-start)?\((?P<args>.*)$")
+_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+
+
+def _array_bytes(text: str) -> int:
+    """Bytes of every array type in `text` ('(f32[64,8]{1,0}, f32[8]{0})' -> 4 * (512 + 8))."""
+    return sum(_DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+               for dtype, dims in _ARRAY.findall(text))
+
+
+def _group_size(line: str) -> int:
+    """How many devices one collective spans, from its replica_groups ({{0,1},{2,3}} or iota [4,2]<=[8])."""
+    if m := re.search(r"replica_groups=\[([\d,]+)\]<=", line):
+        return int(m.group(1).split(",")[-1])
+    if m := re.search(r"replica_groups=\{\{([\d,]*)\}", line):
+        return len(m.group(1).split(","))
+    if m := re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", line):  # mesh['a'=4,'b'=2] ... {'b'}
+        sizes = {name: int(n) for name, n in re.findall(r"'(\w+)'=(\d+)", m.group(1))}
+        return math.prod(sizes[name] for name in re.findall(r"'(\w+)'", m.group(2)))
+    if m := re.search(r"source_target_pairs=\{", line):
+        return 2
+    return 1
+
+
+def collective_bytes(hlo: str) -> dict[str, dict]:
+    """What one device's share of a compiled SPMD program moves, per kind of collective, from its HLO text.
+
+    Per kind: `count`; `buffer_bytes`, the whole buffer each handles (all-gather: what it gathers into;
+    reduce-scatter: what it reduces; all-reduce: what it sums); and `wire_bytes`, what each device sends
+    with the ring algorithms over n devices: (n-1)/n of the buffer for a gather or scatter, twice that for
+    an all-reduce (a reduce-scatter then an all-gather). XLA's own collective combiner may merge several
+    into one: counts are XLA's, bytes are the same either way."""
+    out = {kind: {"count": 0, "buffer_bytes": 0, "wire_bytes": 0} for kind in COLLECTIVES}
+    for line in hlo.splitlines():
+        m = _COLLECTIVE_LINE.search(line)
+        if not m or "-done" in line.split("=")[0]:
+            continue
+        kind = m.group("op")
+        operand = m.group("args").split(")")[0]
+        buffer = _array_bytes(operand if kind == "reduce-scatter" else m.group("result"))
+        n = _group_size(line)
+        share = (n - 1) / n if n > 1 else 0.0
+        out[kind]["count"] += 1
+        out[kind]["buffer_bytes"] += buffer
+        out[kind]["wire_bytes"] += round(buffer * share * (2 if kind == "all-reduce" else 1))
+    return out
+
+
+def mesh_case(case: TrainStepCase, layout, steps: int) -> dict:
+    """`case`'s train step compiled for a device mesh (layout: minilm.mesh.Layout), its state placed there.
+
+    Per device, exact from the shardings: bytes of parameters, gradients (shaped and sharded like the
+    trainable parameters) and optimizer state. Per step, from the compiled program: what its collectives
+    move (collective_bytes), beside the cost model's prediction (minilm.cost.traffic). And the time of
+    `steps` steps: on emulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count) every
+    "device" shares the same cores, so it measures the partitioned program's overhead, not a speed-up."""
+    from minilm.cost import traffic
+
+    trainable, frozen, opt_state, windows, key = case.state
+    step = make_step(case.model_cfg, case.train_cfg, case.loss, donate=True, layout=layout)
+    placed = [layout.place(trainable), layout.place(frozen), layout.place(opt_state), layout.place_batch(windows),
+              layout.place(key)]
+    started = time.perf_counter()
+    compiled = step.lower(*placed).compile()
+    compile_seconds = time.perf_counter() - started
+    measured = collective_bytes(compiled.as_text())
+
+    def full_bytes(tree, sharded: bool) -> int:  # bytes of the leaves the layout splits (or keeps whole)
+        return sum(leaf.nbytes for name, leaf in named_leaves(tree).items()
+                   if any(layout.sharding(name, leaf.shape).spec) == sharded)
+
+    fsdp = layout.mesh.shape["fsdp"]
+    predicted = traffic(data=layout.mesh.shape["data"], fsdp=fsdp,
+                        gathered_bytes=full_bytes(trainable, True) + full_bytes(frozen, True),
+                        scattered_grad_bytes=full_bytes(trainable, True), replicated_grad_bytes=full_bytes(trainable, False))
+    times = []
+    trainable, frozen, opt_state, windows, key = placed
+    for _ in range(steps + 1):  # the first is a warm-up
+        started = time.perf_counter()
+        trainable, opt_state, metrics = step(trainable, frozen, opt_state, windows, key)
+        wait_until_ready((trainable, opt_state, metrics))
+        times.append(time.perf_counter() - started)
+    return {"mode": case.mode, "mesh": dict(layout.mesh.shape), "devices": layout.devices,
+            "per_device": {"params_bytes": layout.bytes_per_device(trainable) + layout.bytes_per_device(frozen),
+                           "gradient_bytes": layout.bytes_per_device(trainable),
+                           "optimizer_state_bytes": layout.bytes_per_device(opt_state)},
+            "whole": {"params_bytes": nbytes(trainable) + nbytes(frozen), "gradient_bytes": nbytes(trainable),
+                      "optimizer_state_bytes": nbytes(opt_state)},
+            "collectives": measured, "predicted": predicted, "compile_seconds": compile_seconds,
+            "ms_per_step_emulated": 1e3 * statistics.median(times[1:])}
+
+
+def format_mesh_cases(cases: list[dict]) -> str:
+    """The per-device memory and per-step traffic table, full vs LoRA, measured beside predicted."""
+    mib = lambda b: f"{b / 2**20:,.3f}"
+    lines = [f"on a mesh {cases[0]['mesh']} ({cases[0]['devices']} devices), MiB per device:",
+             f"{'':<32}" + "".join(f"{c['mode']:>24}" for c in cases)]
+    for key, label in (("params_bytes", "parameters"), ("gradient_bytes", "gradients"),
+                       ("optimizer_state_bytes", "optimizer state")):
+        lines.append(f"{label:<32}" + "".join(f"{mib(c['per_device'][key]):>24}" for c in cases))
+    lines.append(f"{'each step, measured / predicted':<32}" + "".join(f"{'(count)':>24}" for c in cases))
+    for kind in COLLECTIVES:
+        if any(c["collectives"][kind]["count"] or c["predicted"].get(kind) for c in cases):
+            lines.append(f"  {kind:<30}" + "".join(
+                f"{mib(c['collectives'][kind]['buffer_bytes']) + ' / ' + mib(c['predicted'].get(kind, 0)):>16}"
+                f"{'(' + str(c['collectives'][kind]['count']) + ')':>8}" for c in cases))
+    lines.append(f"{'  sent per device (ring)':<32}" + "".join(
+        f"{mib(sum(v['wire_bytes'] for v in c['collectives'].values())):>24}" for c in cases))
+    lines.append(f"{'ms per step, emulated':<32}" + "".join(f"{c['ms_per_step_emulated']:>24.1f}" for c in cases))
+    lines.append("Bytes: the whole buffers the collectives handle, from the compiled program's HLO; XLA's CPU backend sums "
+                 "a split gradient with an all-reduce and keeps a slice, where the prediction says reduce-scatter. "
+                 "Emulated CPU devices share this machine's cores: their timings are not a speed-up.")
+    return "\n".join(lines)

@@ -184,3 +184,27 @@ def step_cost(cfg: ModelConfig, batch: int, adapters: dict[str, int] | None = No
         params_bytes=F32 * (params + adapter_params), trainable_params=trainable,
         activation_bytes=int(activations), tokens=N * grad_accum)
 
+
+
+def traffic(*, data: int, fsdp: int, gathered_bytes: int, scattered_grad_bytes: int,
+            replicated_grad_bytes: int) -> dict[str, int]:
+    """Predicted bytes one train step's collectives handle on a (data, fsdp) mesh (minilm/mesh.py), per device.
+
+    Args:
+        gathered_bytes: the whole size of the parameters split over fsdp (trainable and frozen): each is
+            all-gathered once where the forward pass uses it (and kept for the backward pass).
+        scattered_grad_bytes: the whole size of the trainable parameters split over fsdp: their gradient
+            is summed over the fsdp devices and each keeps its slice (a reduce-scatter), then the slices
+            are summed over `data` (an all-reduce of 1/fsdp of them).
+        replicated_grad_bytes: the trainable parameters kept whole (all of them when fsdp = 1, LoRA's
+            adapters always): their gradient is summed over every device (an all-reduce).
+    So the gradient traffic is the trainable size: LoRA's is its adapters', a small fraction of full
+    fine-tuning's; and with fsdp > 1 the frozen base is gathered all the same. (Scalars such as the loss
+    and the gradient norm are left out.)
+    """
+    devices = data * fsdp
+    sharded = fsdp > 1
+    return {"all-gather": gathered_bytes if sharded else 0,
+            "reduce-scatter": scattered_grad_bytes if sharded else 0,
+            "all-reduce": (replicated_grad_bytes if devices > 1 else 0)
+                          + (scattered_grad_bytes // fsdp if sharded and data > 1 else 0)}

@@ -86,14 +86,14 @@ def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 NOT_IN_THE_STEP = {"seed": 0, "eval_every": 1, "eval_batches": 1, "checkpoint_every": 1}
 
 
-def make_step(model_cfg: ModelConfig, train_cfg: TrainConfig, loss=loss_fn, *, donate: bool = False):
+def make_step(model_cfg: ModelConfig, train_cfg: TrainConfig, loss=loss_fn, *, donate: bool = False, layout=None):
     """The jit-compiled step for this model and training (see `_make_step`), one per process for all
     the runs that share what the step reads: seeds and evaluation settings do not count."""
-    return _make_step(model_cfg, replace(train_cfg, **NOT_IN_THE_STEP), loss, donate=donate)
+    return _make_step(model_cfg, replace(train_cfg, **NOT_IN_THE_STEP), loss, donate=donate, layout=layout)
 
 
-@functools.cache  # one compiled step per (model, training, loss, donate): runs in one process share it
-def _make_step(model_cfg: ModelConfig, train_cfg: TrainConfig, loss=loss_fn, *, donate: bool = False):
+@functools.cache  # one compiled step per (model, training, loss, donate, layout): runs in one process share it
+def _make_step(model_cfg: ModelConfig, train_cfg: TrainConfig, loss=loss_fn, *, donate: bool = False, layout=None):
     """The jit-compiled step: (trainable, frozen, opt_state, windows (A, B, T + 1), key) ->
     (trainable, opt_state, metrics). The A micro-batches' gradients are averaged, then one update.
 
@@ -107,37 +107,52 @@ def _make_step(model_cfg: ModelConfig, train_cfg: TrainConfig, loss=loss_fn, *, 
     on first touch. Measured on 2 CPU cores, `small` full step: ~10,800 -> ~550 page faults per step and
     ~3.5% less time (8 alternated process pairs). Same numbers either way. `run` donates; the default
     does not, so a step called by hand leaves its arguments alone.
+
+    On a device mesh (`layout`, a minilm.mesh.Layout; None: one device) the batch is split over every
+    device; the weights are gathered whole for the forward and backward passes (an all-gather of what is
+    split over `fsdp`), and the gradients, new parameters and optimizer state are pinned to the layout's
+    shardings, so the gradient's sum over devices becomes a reduce-scatter where the state is split (ZeRO-3).
     """
     opt = optimizer(train_cfg)
+    pin = layout.constrain if layout is not None else (lambda tree: tree)
     grad_fn = jax.value_and_grad(mixed_precision(loss, train_cfg.dtype))  # d/d(trainable) only: argument 0
 
     def step(trainable, frozen, opt_state, windows, key):
+        weights, frozen_weights = trainable, frozen
+        if layout is not None:  # ZeRO-3: gather the weights, compute data-parallel, scatter the gradients
+            windows = layout.constrain_batch(windows)
+            weights, frozen_weights = layout.gathered(trainable), layout.gathered(frozen)
         keys = jax.random.split(key, windows.shape[0])
         if windows.shape[0] == 1:
-            loss_value, grads = grad_fn(trainable, frozen, windows[0], model_cfg, keys[0])
+            loss_value, grads = grad_fn(weights, frozen_weights, windows[0], model_cfg, keys[0])
         else:
             def accumulate(total, micro_batch):
                 micro_windows, micro_key = micro_batch
-                value, g = grad_fn(trainable, frozen, micro_windows, model_cfg, micro_key)
+                value, g = grad_fn(weights, frozen_weights, micro_windows, model_cfg, micro_key)
                 return jax.tree.map(jnp.add, total, g), value
 
-            zeros = jax.tree.map(jnp.zeros_like, trainable)
+            zeros = jax.tree.map(jnp.zeros_like, weights)
             grads, losses = jax.lax.scan(accumulate, zeros, (windows, keys))
             grads = jax.tree.map(lambda g: g / windows.shape[0], grads)
             loss_value = losses.mean()
+        grads = pin(grads)
         updates, opt_state = opt.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
+        trainable, opt_state = pin(trainable), pin(opt_state)
         return trainable, opt_state, {"loss": loss_value, "grad_norm": optax.tree.norm(grads)}
 
     return jax.jit(step, donate_argnums=(0, 2) if donate else ())
 
 
 @functools.cache
-def make_eval(model_cfg: ModelConfig, loss=loss_fn):
+def make_eval(model_cfg: ModelConfig, loss=loss_fn, layout=None):
     """jit-compiled mean `loss` of (trainable, frozen) over windows (A, B, T + 1), without noise (key None).
 
-    A here is the number of evaluation batches (`eval_batches`), stacked like a step's micro-batches."""
+    A here is the number of evaluation batches (`eval_batches`), stacked like a step's micro-batches;
+    on a mesh (`layout`) each batch is split over the devices as a step's is."""
     def evaluate(trainable, frozen, windows):
+        if layout is not None:
+            windows = layout.constrain_batch(windows)
         return jax.lax.map(lambda w: loss(trainable, frozen, w, model_cfg), windows).mean()
 
     return jax.jit(evaluate)
@@ -183,7 +198,7 @@ class Diverged(MinilmError):
 
 
 def run(state: TrainState, data: data_lib.Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig,
-        loss=loss_fn) -> Iterator[tuple[TrainState, dict]]:
+        loss=loss_fn, layout=None) -> Iterator[tuple[TrainState, dict]]:
     """Train from `state` to `train_cfg.steps`, yielding (state, metrics) after every step.
 
     Metrics: step, loss (this step's training loss), lr, step_seconds (the step alone: no batching or
@@ -197,21 +212,31 @@ def run(state: TrainState, data: data_lib.Dataset, model_cfg: ModelConfig, train
     The steps update the parameters in place (make_step's `donate`), so a yielded state's trainable
     parameters and optimizer state are valid until the loop continues: save or copy what you keep
     (`jax.tree.map(jnp.copy, state.trainable)`). The state passed in is copied first and stays valid.
+
+    On a device mesh (`layout`, minilm/mesh.py) the state is first placed on it, sharded by the layout's
+    rule, and every batch is split over the devices; each process builds its own devices' part of each
+    batch. The data stream is the same as on one device, so the losses agree to float32 rounding.
     """
-    step_fn = make_step(model_cfg, train_cfg, loss, donate=True)
-    # The caller's arrays are often a base model it compares with the tuned one afterwards: keep them.
-    state = replace(state, trainable=jax.tree.map(jnp.copy, state.trainable),
-                    opt_state=jax.tree.map(jnp.copy, state.opt_state))
-    eval_fn = make_eval(model_cfg, loss)
+    step_fn = make_step(model_cfg, train_cfg, loss, donate=True, layout=layout)
+    if layout is None:  # the caller's arrays are often a base model it compares with the tuned one: keep them
+        state = replace(state, trainable=jax.tree.map(jnp.copy, state.trainable),
+                        opt_state=jax.tree.map(jnp.copy, state.opt_state))
+    else:  # placing makes new arrays, sharded over the mesh
+        state = replace(state, trainable=layout.place(state.trainable), frozen=layout.place(state.frozen),
+                        opt_state=layout.place(state.opt_state))
+    place = layout.place_batch if layout is not None else (lambda windows: windows)
+    step_key = (lambda s: layout.place(s.step_key)) if layout is not None else (lambda s: s.step_key)
+    eval_fn = make_eval(model_cfg, loss, layout)
     lr = schedule(train_cfg)
     train_ids, val_ids = jnp.asarray(data.train), jnp.asarray(data.val)
     A, B, T = train_cfg.grad_accum, train_cfg.batch_size, model_cfg.context
-    eval_windows = data_lib.batches(val_ids, state.eval_key, 0, count=train_cfg.eval_batches, batch_size=B,
-                                    context=T)
+    eval_windows = place(data_lib.batches(val_ids, state.eval_key, 0, count=train_cfg.eval_batches, batch_size=B,
+                                          context=T))
     while state.step < train_cfg.steps:
-        windows = data_lib.batches(train_ids, state.data_key, state.data_cursor, count=A, batch_size=B, context=T)
+        windows = place(data_lib.batches(train_ids, state.data_key, state.data_cursor, count=A, batch_size=B,
+                                         context=T))
         started = time.perf_counter()
-        trainable, opt_state, out = step_fn(state.trainable, state.frozen, state.opt_state, windows, state.step_key)
+        trainable, opt_state, out = step_fn(state.trainable, state.frozen, state.opt_state, windows, step_key(state))
         metrics = {"step": state.step + 1, "loss": float(out["loss"]), "grad_norm": float(out["grad_norm"]),
                    "lr": float(lr(state.step)), "step_seconds": time.perf_counter() - started}
         if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):

@@ -24,9 +24,12 @@ def small_cfgs(arithmetic_data):
 
 def pytest_collection_modifyitems(items):
     """The experiments' end-to-end smoke runs are the heavy tier `experiments`, the report in Chromium the heavy
-    tier `browser` (make test runs every tier; `pytest -m "not experiments and not browser"` is the core suite)."""
+    tier `browser`, the 8-device and two-process runs the heavy tier `mesh` (make test runs every tier;
+    `pytest -m "not experiments and not browser and not mesh"` is the core suite)."""
     for item in items:
         if item.module.__name__.startswith("test_experiments"):
             item.add_marker(pytest.mark.experiments)
         if item.module.__name__ == "test_browser":
             item.add_marker(pytest.mark.browser)
+        if item.module.__name__ == "test_mesh":
+            item.add_marker(pytest.mark.mesh)

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from minilm.cli.flags import add_config_flags, given, preset_note
+from minilm.cli.mesh_flags import add_mesh_flags
 from minilm.config import PRESETS, ModelConfig, TrainConfig, preset
 from minilm.errors import MinilmError
 
@@ -56,6 +57,7 @@ def add_parser(commands) -> None:
                                              f"{VOCAB_SIZE}, shakespeare-char's"
                                              if f.name == "vocab_size" else models(f)))
     add_config_flags(p, TrainConfig, "training (defaults from --preset)", preset_note(1), names=TRAIN_SIZES)
+    add_mesh_flags(p, processes=False)
     p.set_defaults(run=run)
 
 
@@ -144,6 +146,7 @@ def run(args) -> int:
     lora_cfg = lora.parse_spec(args.lora)
     modes = ["full", "lora"] if args.mode == "both" else [args.mode]
     check_inputs(args, model_cfg, train_cfg, lora_cfg, modes)
+    mesh = mesh_of(args, train_cfg)  # a bad --mesh fails here, before any timing
 
     print(f"minilm bench: width {model_cfg.width}, {model_cfg.layers} layers, {model_cfg.heads} heads, context "
           f"{model_cfg.context}, vocabulary {model_cfg.vocab_size}; batch {train_cfg.batch_size} x "
@@ -179,6 +182,8 @@ def run(args) -> int:
               f"{speed['uncached_tokens_per_s']:,.0f} without ({speed['speedup']:.1f}x)")
     if args.sweep:
         result["sweep"] = sweep(args, model_cfg, train_cfg, lora_cfg, peak, bandwidth)
+    if mesh is not None:
+        result["mesh"] = on_mesh(args, mesh, model_cfg, train_cfg, lora_cfg, modes)
     if args.json:
         checkpoint.write_text_atomic(Path(args.json), json.dumps(result, indent=1))
         print(f"json: {args.json}")
@@ -218,3 +223,29 @@ def sweep(args, model_cfg, train_cfg, lora_cfg, peak, bandwidth) -> list[dict]:
     bench.ratio_plot(rows, plot)
     print(f"plot: {plot}")
     return rows
+
+
+def mesh_of(args, train_cfg):
+    """The device mesh --mesh asks for (None without it); checked against the devices and the batch."""
+    from minilm import mesh
+
+    return None if args.mesh is None else mesh.make_mesh(mesh.parse_mesh(args.mesh), train_cfg.batch_size)
+
+
+def on_mesh(args, mesh, model_cfg, train_cfg, lora_cfg, modes) -> list[dict]:
+    """--mesh: each mode's step compiled for the mesh: bytes per device, collectives measured and predicted."""
+    import lora
+    from lora.mesh import adapter_spec
+    from minilm import bench
+    from minilm.mesh import Layout, param_spec
+
+    cases = []
+    for mode in modes:
+        print(f"{mode} on the mesh {dict(mesh.shape)}: compiling and timing {args.steps} steps ...", flush=True)
+        case = (lora.train_step_case(model_cfg, train_cfg, lora_cfg) if mode == "lora"
+                else bench.train_step_case(model_cfg, train_cfg))
+        # LoRA: the frozen base split like a full model's weights, the adapters whole (lora/mesh.py)
+        cases.append(bench.mesh_case(case, Layout(mesh, adapter_spec if mode == "lora" else param_spec), args.steps))
+    print(bench.format_mesh_cases(cases))
+    return cases
+

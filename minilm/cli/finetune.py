@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from minilm.cli.flags import add_config_flags, describe_keys, given, refuse_adapter
+from minilm.cli.mesh_flags import add_mesh_flags
 from minilm.config import FINETUNE, LORA_LR, DataConfig, TrainConfig
 from minilm.errors import MinilmError
 
@@ -39,14 +40,20 @@ def add_parser(commands) -> None:
     add_config_flags(p, TrainConfig, f"training (lr defaults to {FINETUNE.lr:g} for --full, {LORA_LR:g} for --lora)",
                      lambda f: f"default: {getattr(FINETUNE, f.name)}")
     add_config_flags(p, DataConfig, "data (tokenized with the base model's vocabulary)")
+    add_mesh_flags(p)
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
+    from minilm.cli import mesh_flags
+
+    mesh_flags.start(args)  # before JAX touches a device: join the other processes, if there are any
     import jax
 
     import lora
+    from lora.mesh import adapter_spec
     from minilm import checkpoint, folders, train
+    from minilm.mesh import is_writer
     from minilm.cli.fit import check_memory, fit
     from minilm.cost import step_cost
     from minilm.data import check_fits, load_dataset
@@ -68,21 +75,26 @@ def run(args) -> int:
                                          f"{data_cfg.corpus or Path(data_cfg.text or 'text').stem}")
     saved = out / ("adapter" if lora_cfg else "checkpoint")
     inputs = [Path(args.base), base.path]
-    folders.check_output(saved, "adapter" if lora_cfg else "checkpoint", overwrite=args.overwrite, inputs=inputs)
-    if folders.kind_of(out) != "run":  # metrics.jsonl goes beside what it saves: never into a stranger's folder
+    writer = is_writer()  # process 0 of several (or the only one): the others write nothing and check no output
+    if writer:
+        folders.check_output(saved, "adapter" if lora_cfg else "checkpoint", overwrite=args.overwrite, inputs=inputs)
+    if writer and folders.kind_of(out) != "run":  # metrics.jsonl goes beside what it saves: never into a stranger's
         folders.check_output(out, "run", overwrite=args.overwrite, inputs=inputs)
     snapshots = out / "snapshots"
     if args.snapshot_every < 0:
         raise MinilmError(f"--snapshot-every {args.snapshot_every}: give a number of steps >= 1, or 0 for none")
-    if args.snapshot_every:  # --overwrite replaces only snapshots minilm wrote (marked), never a stranger's folder
+    if args.snapshot_every and writer:  # --overwrite replaces only snapshots minilm wrote, never a stranger's folder
         folders.check_output(snapshots, "snapshots", overwrite=args.overwrite, inputs=inputs)
     data = load_dataset(data_cfg, seed=train_cfg.seed, tokenizer=base.tokenizer)
     check_fits(data, base.model_cfg.context, data_cfg.text or f"corpus {data_cfg.corpus!r}")
     cost = (lora.lora_step_cost(base.model_cfg, train_cfg.batch_size, lora_cfg, train_cfg.grad_accum) if lora_cfg
             else step_cost(base.model_cfg, train_cfg.batch_size, None, train_cfg.grad_accum))
     check_memory(cost, "fine-tuning this model")
-    folders.lock(out)  # one run per folder, until this process ends
-    folders.mark(out, "run")
+    # LoRA's adapters are replicated on a mesh, its frozen base split like a full model's (lora/mesh.py)
+    layout = mesh_flags.layout(args, train_cfg.batch_size, adapter_spec if lora_cfg else None)
+    if writer:
+        folders.lock(out)  # one run per folder, until this process ends
+        folders.mark(out, "run")
     model_cfg = base.model_cfg
     adapter_key, run_key = jax.random.split(jax.random.key(train_cfg.seed))
     if lora_cfg:
@@ -91,11 +103,20 @@ def run(args) -> int:
     else:
         trainable, frozen = partition(base.params, lambda name: True)
     state = train.start(trainable, frozen, train_cfg, key=run_key)
-    if lora_cfg:
+    if lora_cfg and writer:
         optimizer_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
         print(lora.format_summary(lora.summary(params, trainable), size(base.params), optimizer_bytes))
 
+    def on_host(state):  # on a mesh, every process gathers the sharded state (a collective); process 0 writes it
+        if layout is None:
+            return state
+        return dataclasses.replace(state, trainable=layout.gather(state.trainable), frozen=layout.gather(state.frozen),
+                                   opt_state=layout.gather(state.opt_state))
+
     def save(state):
+        state = on_host(state)
+        if not writer:
+            return
         if lora_cfg:
             lora.save_adapter(saved, combine(state.trainable, state.frozen), lora_cfg, model_cfg, base.tokenizer)
         else:
@@ -103,6 +124,9 @@ def run(args) -> int:
                                      tokenizer=base.tokenizer)
 
     def snapshot(state):  # only what the map needs: the adapters, or the weights without optimizer state
+        state = on_host(state)
+        if not writer:
+            return
         path = snapshots / f"step-{state.step:06d}"
         if lora_cfg:
             lora.save_adapter(path, combine(state.trainable, state.frozen), lora_cfg, model_cfg, base.tokenizer)
@@ -112,7 +136,7 @@ def run(args) -> int:
                             state={"step": state.step, "data_cursor": state.data_cursor,
                                    "key": checkpoint.key_to_json(state.key), "snapshot": True})
 
-    if args.snapshot_every:
+    if args.snapshot_every and writer:
         if snapshots.exists():
             shutil.rmtree(snapshots)  # checked above: minilm's own snapshots of an earlier run
         snapshots.mkdir(parents=True)
@@ -122,4 +146,4 @@ def run(args) -> int:
                resume_hint=None if lora_cfg else f"minilm train --out {out} --resume",
                sample_hint=f"minilm sample {base.path} --adapter {saved} --prompt '...'" if lora_cfg
                else f"minilm sample {out} --prompt '...'",
-               loss=lora.loss_fn if lora_cfg else None)
+               loss=lora.loss_fn if lora_cfg else None, layout=layout)

@@ -12,6 +12,7 @@ run the machine cannot hold.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -60,7 +61,7 @@ def check_memory(cost, what: str) -> None:
 
 
 def fit(state, data, model_cfg, train_cfg, out: Path, save, *, resume: bool, saved: Path, resume_hint: str | None,
-        sample_hint: str, loss=None, snapshot=None, snapshot_every: int = 0) -> int:
+        sample_hint: str, loss=None, snapshot=None, snapshot_every: int = 0, layout=None) -> int:
     """Run training with a progress bar, log metrics.jsonl, save every checkpoint_every steps and on Ctrl-C.
 
     Args:
@@ -70,25 +71,34 @@ def fit(state, data, model_cfg, train_cfg, out: Path, save, *, resume: bool, sav
         resume_hint, sample_hint: the commands printed for continuing the run and sampling from it.
         loss: the step's loss (default minilm.train.loss_fn; lora.loss_fn trains adapters).
         snapshot: snapshot(state) keeps what trains, called every `snapshot_every` steps and at the last.
+        layout: a device mesh to train on (minilm/mesh.py), or None for one device. Over several processes
+            only process 0 writes metrics.jsonl and prints; `save` and `snapshot` run on every process
+            (gathering sharded arrays is a collective) and write on process 0 alone.
     Returns:
         the exit status: 0 when every step ran, 130 when Ctrl-C stopped the run (after saving).
     """
     from tqdm import tqdm
 
     from minilm import checkpoint, train
+    from minilm.mesh import is_writer
     from minilm.tree import size
 
-    out.mkdir(parents=True, exist_ok=True)
+    writer = is_writer()
     metrics_path = out / "metrics.jsonl"
-    kept = []
-    if resume and metrics_path.exists():  # drop lines logged after the checkpoint we resume from
-        kept = [line for line in metrics_path.read_text().splitlines() if logged_step(line) <= state.step]
-    checkpoint.write_text_atomic(metrics_path, "".join(line + "\n" for line in kept))
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume and metrics_path.exists():  # drop lines logged after the checkpoint we resume from
+            kept = [line for line in metrics_path.read_text().splitlines() if logged_step(line) <= state.step]
+        checkpoint.write_text_atomic(metrics_path, "".join(line + "\n" for line in kept))
 
     tokens_per_step = train_cfg.grad_accum * train_cfg.batch_size * model_cfg.context
-    print(f"training {size(state.trainable):,} parameters on {len(data.train):,} tokens "
-          f"(vocabulary {data.tokenizer.size}) -> {out}", file=sys.stderr)
-    bar = tqdm(total=train_cfg.steps, initial=state.step, unit="step", desc="train", dynamic_ncols=True)
+    devices = "" if layout is None else f" on a mesh of {layout.devices} devices ({dict(layout.mesh.shape)})"
+    if writer:
+        print(f"training {size(state.trainable):,} parameters on {len(data.train):,} tokens "
+              f"(vocabulary {data.tokenizer.size}){devices} -> {out}", file=sys.stderr)
+    bar = tqdm(total=train_cfg.steps, initial=state.step, unit="step", desc="train", dynamic_ncols=True,
+               disable=not writer)
     first_step, step_seconds, eval_loss = state.step, 0.0, float("nan")
     saved_step = state.step if resume else None
     stop = []
@@ -99,8 +109,8 @@ def fit(state, data, model_cfg, train_cfg, out: Path, save, *, resume: bool, sav
 
     previous_handler = signal.signal(signal.SIGINT, request_stop)
     try:
-        with metrics_path.open("a") as log:
-            steps = train.run(state, data, model_cfg, train_cfg, loss or train.loss_fn)
+        with (metrics_path.open("a") if writer else open(os.devnull, "w")) as log:  # the others write nothing
+            steps = train.run(state, data, model_cfg, train_cfg, loss or train.loss_fn, layout)
             for state, metrics in diverging_stops(steps, saved, lambda: saved_step, resume_hint, bar):
                 if state.step > first_step + 1:  # the first step of a process includes compilation
                     step_seconds += metrics["step_seconds"]
@@ -119,14 +129,16 @@ def fit(state, data, model_cfg, train_cfg, out: Path, save, *, resume: bool, sav
                 if stop:
                     bar.close()
                     hint = f"; continue with `{resume_hint}`" if resume_hint else ""
-                    print(f"\ninterrupted: saved step {state.step} to {saved}{hint}", file=sys.stderr)
+                    if writer:
+                        print(f"\ninterrupted: saved step {state.step} to {saved}{hint}", file=sys.stderr)
                     return 130
     finally:  # a failed save (disk full) too: the bar ends its line, so the error is a line of its own
         bar.close()
         signal.signal(signal.SIGINT, previous_handler)
-    print(f"done: step {state.step}, eval loss {eval_loss:.4f}\n"
-          f"  saved       {saved}\n  metrics     {metrics_path}\n"
-          f"  sample with {sample_hint}")
+    if writer:
+        print(f"done: step {state.step}, eval loss {eval_loss:.4f}\n"
+              f"  saved       {saved}\n  metrics     {metrics_path}\n"
+              f"  sample with {sample_hint}")
     return 0
 
 

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from minilm.cli.flags import add_config_flags, check_unchanged, given, preset_note
+from minilm.cli.mesh_flags import add_mesh_flags
 from minilm.config import PRESETS, DataConfig, ModelConfig, TrainConfig, preset, to_dict
 from minilm.errors import MinilmError
 
@@ -32,13 +33,18 @@ def add_parser(commands) -> None:
     add_config_flags(p, ModelConfig, "model (defaults from --preset)", preset_note(0))
     add_config_flags(p, TrainConfig, "training (defaults from --preset)", preset_note(1))
     add_config_flags(p, DataConfig, "data")
+    add_mesh_flags(p)
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
+    from minilm.cli import mesh_flags
+
+    mesh_flags.start(args)  # before JAX touches a device: join the other processes, if there are any
     import jax
 
     from minilm import checkpoint, folders, train
+    from minilm.mesh import is_writer
     from minilm.cli.fit import check_memory, check_size, fit
     from minilm.cost import step_cost
     from minilm.data import check_fits, load_dataset
@@ -51,6 +57,7 @@ def run(args) -> int:
     default_name = data_over.get("corpus") or Path(data_over.get("text") or "text").stem
     out = Path(args.out or f"runs/{args.preset}-{default_name}")
     folders.check_path(out)
+    writer = is_writer()  # process 0 of several (or the only one): the others write nothing and check no output
     if args.resume:
         if not checkpoint.is_complete(out):
             checkpoint.resolve(out)  # its own message when nothing is there, or only a first save's leftovers
@@ -66,14 +73,14 @@ def run(args) -> int:
         if state.step >= train_cfg.steps:
             raise MinilmError(f"the run in {out} is at step {state.step} and --steps is {train_cfg.steps}: nothing "
                               f"to train; pass --steps N with N > {state.step} to extend it")
-        if folders.kind_of(out) is None:
+        if folders.kind_of(out) is None and writer:
             warnings.warn(f"{out} was written before minilm marked its folders; marking it as a run now")
     else:
         completed = checkpoint.is_complete(out / "checkpoint")  # checkpoint.old counts: it is recoverable
-        if completed and not args.overwrite:
+        if completed and not args.overwrite and writer:
             raise MinilmError(f"{out} already holds a training run; pass --resume to continue it, "
                               f"--overwrite to replace it, or choose another --out")
-        if completed or folders.kind_of(out) != "run":  # a run that saved nothing yet may start again
+        if writer and (completed or folders.kind_of(out) != "run"):  # a run that saved nothing yet may start again
             folders.check_output(out, "run", overwrite=args.overwrite)
         base_model, base_train = preset(args.preset)
         model_cfg = dataclasses.replace(base_model, **model_over)  # check every config before reading data
@@ -87,23 +94,30 @@ def run(args) -> int:
         check_size(model_cfg, train_cfg.batch_size, "this model")
         check_memory(step_cost(model_cfg, train_cfg.batch_size, None, train_cfg.grad_accum), "this model")
     check_fits(data, model_cfg.context, data_cfg.text or f"corpus {data_cfg.corpus!r}")
+    layout = mesh_flags.layout(args, train_cfg.batch_size)
     if args.dry_run:  # every input is checked
         print(json.dumps({"out": str(out), "model": to_dict(model_cfg), "train": to_dict(train_cfg),
                           "data": to_dict(data_cfg)}))
         return 0
     # every input is checked: from here on the folder is this process's
-    folders.lock(out)  # one run per folder, until this process ends
-    if checkpoint.recover(out / "checkpoint"):
-        warnings.warn(f"recovered {out / 'checkpoint'} from checkpoint.old, left by an interrupted save")
-    folders.mark(out, "run")
+    if writer:
+        folders.lock(out)  # one run per folder, until this process ends
+        if checkpoint.recover(out / "checkpoint"):
+            warnings.warn(f"recovered {out / 'checkpoint'} from checkpoint.old, left by an interrupted save")
+        folders.mark(out, "run")
     if not args.resume:
         init_key, train_key = jax.random.split(jax.random.key(train_cfg.seed))
         trainable, frozen = partition(init(model_cfg, key=init_key), lambda name: True)
         state = train.start(trainable, frozen, train_cfg, key=train_key)
 
-    def save(state):
-        checkpoint.save_training(out / "checkpoint", state, model_cfg=model_cfg, train_cfg=train_cfg,
-                                 data_cfg=data_cfg, tokenizer=data.tokenizer)
+    def save(state):  # on a mesh, every process gathers the sharded state (a collective); process 0 writes it
+        if layout is not None:
+            state = dataclasses.replace(state, trainable=layout.gather(state.trainable),
+                                        frozen=layout.gather(state.frozen), opt_state=layout.gather(state.opt_state))
+        if writer:
+            checkpoint.save_training(out / "checkpoint", state, model_cfg=model_cfg, train_cfg=train_cfg,
+                                     data_cfg=data_cfg, tokenizer=data.tokenizer)
 
     return fit(state, data, model_cfg, train_cfg, out, save, resume=args.resume, saved=out / "checkpoint",
-               resume_hint=f"minilm train --out {out} --resume", sample_hint=f"minilm sample {out} --prompt '...'")
+               resume_hint=f"minilm train --out {out} --resume", sample_hint=f"minilm sample {out} --prompt '...'",
+               layout=layout)
