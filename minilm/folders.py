@@ -28,7 +28,7 @@ from minilm.errors import MinilmError
 
 MARK = ".minilm.json"
 LOCK = ".minilm.lock"
-KINDS = ("run", "checkpoint", "adapter", "report", "snapshots", "hf")  # hf: a Hugging Face folder (export-hf)
+KINDS = ("run", "checkpoint", "adapter", "report", "snapshots", "hf", "peft")  # hf: a Hugging Face folder (export-hf); peft: a PEFT adapter folder (export-peft)
 
 _held: dict[str, int] = {}  # lock file -> its open descriptor, held until this process ends or releases
 
