@@ -72,6 +72,10 @@ def make_probe(tokenizer: Tokenizer, cfg: ModelConfig, *, corpus: Corpus | None 
     if not known and not sentences:
         raise MinilmError("the probe set is empty: none of the words or sentences is in the vocabulary; "
                           "pass --words or --probe text made of the model's tokens")
+    if len(known) < 2:  # distances, neighbours and the map are between word vectors
+        raise MinilmError(f"the probe set has {len(known)} word(s) the model can spell ({', '.join(known) or 'none'}); "
+                          f"the comparison follows at least 2: pass --words W1,W2,... (a model without a built-in "
+                          f"corpus, e.g. one from import-hf, has no words of its own)")
     text = corpus.text if corpus else "\n".join(sentences)
     # words alone (no corpus, no sentence) are read in a context made of the words themselves
     ids = tokenizer.encode(text) if text else np.asarray([i for w in known for i in tokenizer.word_ids(w)])

@@ -20,10 +20,10 @@ import sys
 import warnings
 
 from minilm import allocator
-from minilm.cli import bench, compare, finetune, hf, merge, sample, train
+from minilm.cli import bench, compare, finetune, hf, merge, peft, sample, train
 from minilm.errors import MinilmError
 
-COMMANDS = (train, sample, finetune, merge, compare, hf, bench)  # in the order `minilm --help` lists them
+COMMANDS = (train, sample, finetune, merge, compare, hf, peft, bench)  # in the order `minilm --help` lists them
 
 
 class Parser(argparse.ArgumentParser):
