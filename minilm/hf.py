@@ -291,6 +291,15 @@ def write_tokenizer(folder: Path, tokenizer: Tokenizer, context: int) -> None:
 # ---------------------------------------------------------------- folders
 
 
+def is_folder(folder) -> bool:
+    """Is `folder` a Hugging Face model folder (a config.json with a model_type), not a minilm checkpoint?"""
+    try:
+        data = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "model_type" in data
+
+
 def load(folder) -> tuple[ModelConfig, dict, BpeTokenizer]:
     """Read a Hugging Face GPT-2 folder -> (ModelConfig, params as a tree of float32 numpy arrays, tokenizer).
 

@@ -169,3 +169,27 @@ def test_compare_without_words_on_an_imported_model_says_to_pass_them(tmp_path, 
                  "--probe", "The court heard the case"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pass --words" in err, err
+
+
+def test_compare_reads_a_hugging_face_folder_and_a_peft_folder_directly(tmp_path, capsys):
+    """A user's folders as they are: BASE a Hugging Face GPT-2 folder, TUNED a PEFT adapter folder and a fully
+    fine-tuned Hugging Face folder, converted on the fly; the adapter's weight change is exactly s·A·B."""
+    from minilm.cli import main
+
+    folder, base_dir, _ = peft_folder(tmp_path, "my-lora")
+    full_dir = hm.save_folder(hm.tiny_gpt2(seed=2), tmp_path / "full")
+    assert main(["compare", str(base_dir), str(folder), str(full_dir), "--out", str(tmp_path / "report"),
+                 "--words", "court,judge,case,painting", "--probe", "The court heard the case"]) == 0
+    assert "checked by structure only" in capsys.readouterr().err
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["models"] == ["my-lora", "full"]
+    # the same report as through import-hf and import-peft
+    assert main(["import-hf", str(base_dir), "--out", str(tmp_path / "run")]) == 0
+    assert main(["import-peft", str(folder), "--base", str(tmp_path / "run"), "--out", str(tmp_path / "ours")]) == 0
+    assert main(["compare", str(tmp_path / "run"), str(tmp_path / "ours"), str(full_dir), "--out",
+                 str(tmp_path / "again"), "--words", "court,judge,case,painting",
+                 "--probe", "The court heard the case"]) == 0
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    for ours, theirs in (("ours", "my-lora"), ("full", "full")):
+        assert json.dumps(again["weights"][ours], sort_keys=True) == json.dumps(metrics["weights"][theirs],
+                                                                                 sort_keys=True)

@@ -15,6 +15,7 @@ under "seeds". The rest of the report shows the first seed.
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 from minilm.errors import MinilmError
@@ -22,8 +23,9 @@ from minilm.errors import MinilmError
 
 def add_parser(commands) -> None:
     p = commands.add_parser("compare", help="what changed: compare a base model with its tuned versions",
-                            description="Compare BASE with one or more TUNED models (checkpoints, or LoRA adapter "
-                                        "folders, merged onto BASE): which weights moved and how, how token and "
+                            description="Compare BASE with one or more TUNED models (checkpoints, Hugging Face GPT-2 "
+                                        "folders, or LoRA adapter folders, minilm's or PEFT's, merged onto BASE; "
+                                        "Hugging Face and PEFT folders are converted on the fly): which weights moved and how, how token and "
                                         "hidden vectors rearranged, where attention now looks. Writes "
                                         "OUT/report.html, OUT/metrics.json and OUT/figures/. One seed settles "
                                         "nothing: to judge the report's verdicts (low-rank change; bound pairs "
@@ -32,8 +34,8 @@ def add_parser(commands) -> None:
                             epilog="example, three seeds of a full and a LoRA fine-tune: minilm compare "
                                    "s1/base s1/full s1/lora --seed-run s2/base s2/full s2/lora "
                                    "--seed-run s3/base s3/full s3/lora --out report")
-    p.add_argument("base", metavar="BASE", help="the model before fine-tuning")
-    p.add_argument("tuned", metavar="TUNED", nargs="+", help="fine-tuned checkpoints or adapter folders")
+    p.add_argument("base", metavar="BASE", help="the model before fine-tuning: a minilm run or a Hugging Face GPT-2 folder")
+    p.add_argument("tuned", metavar="TUNED", nargs="+", help="fine-tuned checkpoints, Hugging Face folders, or adapter folders (minilm's or PEFT's)")
     p.add_argument("--seed-run", metavar=("BASE", "TUNED"), nargs="+", action="append", default=[],
                    help="another seed's base and tuned models, in the same order as the first group (repeatable); "
                         "the low-rank and closer-than verdicts are then judged over all seeds with a 95%% "
@@ -53,13 +55,32 @@ def add_parser(commands) -> None:
     p.set_defaults(run=run)
 
 
+def load_model(path):
+    """A model argument: a minilm checkpoint (or run folder), or a Hugging Face GPT-2 folder, converted on the
+    fly (minilm/hf.py) into a Checkpoint with default training settings and no corpus."""
+    import jax
+    import jax.numpy as jnp
+
+    from minilm import checkpoint, hf
+    from minilm.config import DataConfig, TrainConfig
+
+    path = Path(path)
+    if not hf.is_folder(path):
+        return checkpoint.load(path)
+    cfg, params, tokenizer = hf.load(path)
+    # path: the folder's config.json, so that path.parent names the model as it names a run for checkpoint/
+    return checkpoint.Checkpoint(path / "config.json", cfg, TrainConfig(), DataConfig(), tokenizer,
+                                 jax.tree.map(jnp.asarray, params), {}, {})
+
+
 def load_tuned(path: Path, base, used: set, allow_other_base: bool = False):
-    """A tuned model for `compare`: a checkpoint, or an adapter folder (merged onto the base).
+    """A tuned model for `compare`: a checkpoint or Hugging Face folder, or an adapter folder, minilm's or
+    PEFT's (lora/peft.py), merged onto the base.
 
     Its name is its folder's (the run's, for OUT/checkpoint or OUT/adapter), primed until it differs
     from `base` and from every name in `used`, to which it is added."""
     import lora
-    from minilm import checkpoint
+    from lora import peft
     from minilm.analysis.compare import Model, check_comparable
 
     path = Path(path)
@@ -69,11 +90,16 @@ def load_tuned(path: Path, base, used: set, allow_other_base: bool = False):
         name += "'"
     used.add(name)
     if adapter_dir is None:
-        ckpt = checkpoint.load(path)
+        ckpt = load_model(path)
         check_comparable(base.model_cfg, base.tokenizer, ckpt.model_cfg, ckpt.tokenizer, str(path))
         return Model(name, ckpt.params)
-    params, _ = lora.load_adapter(adapter_dir, base.params, base.model_cfg, tokenizer=base.tokenizer,
-                                  allow_other_base=allow_other_base)
+    if peft.is_peft_folder(adapter_dir):  # checked by structure: a PEFT folder has no fingerprint of its base
+        params, _ = peft.to_minilm(peft.read_peft(adapter_dir), base.params)
+        warnings.warn(f"{adapter_dir} is a PEFT folder: it carries no fingerprint of its base, so it was checked by "
+                      f"structure only (names, shapes against the base, finite values)")
+    else:
+        params, _ = lora.load_adapter(adapter_dir, base.params, base.model_cfg, tokenizer=base.tokenizer,
+                                      allow_other_base=allow_other_base)
     adapters = {site: w.lora_a for site, w in lora.lora_weights(params).items()}
     return Model(name, lora.merge(params), adapters)
 
@@ -96,7 +122,6 @@ def _adapter_dir(path: Path) -> Path | None:
 def _load_bases(groups: list[list[str]]) -> list:
     """Every seed's base checkpoint, checked before any work: same shape and vocabulary as the first, and a
     LoRA adapter at the same positions as the first group (tuned models match by position)."""
-    from minilm import checkpoint
     from minilm.analysis.compare import check_comparable
     from minilm.cli.flags import refuse_adapter
 
@@ -104,7 +129,7 @@ def _load_bases(groups: list[list[str]]) -> list:
     for group in groups:
         flag = "BASE" if not bases else f"--seed-run base {group[0]}"
         refuse_adapter(group[0], flag, "give the model before fine-tuning first, then the adapter as a TUNED model")
-        base = checkpoint.load(group[0])
+        base = load_model(group[0])
         if bases:
             check_comparable(bases[0].model_cfg, bases[0].tokenizer, base.model_cfg, base.tokenizer, flag)
         kinds = [_adapter_dir(Path(p)) is not None for p in group[1:]]
