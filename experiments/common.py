@@ -321,21 +321,12 @@ def snapshot_params(tuned: Tuned, lora_cfg: lora.LoraConfig | None = None) -> di
             for step, adapters in tuned.snapshots.items()}
 
 
-def vectors_at_levels(params: dict, probe, tokenizer, model_cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """{"static": (M, D), "layer 0": (M, D), ...}: the probe words' embedding rows and their contextual
-    vectors (averaged over occurrences in the probe's windows) at every layer boundary."""
-    from minilm.analysis.compare import _hidden_states, word_vectors
-    ids = [tokenizer.index[w] for w in probe.words]
-    states, _ = _hidden_states(params, probe.windows, model_cfg)  # (L + 1, B, T, D)
-    layers = word_vectors(states, probe.windows, ids)  # (L + 1, M, D)
-    return {"static": np.asarray(params["embed"]["tok"])[ids], **{f"layer {i}": x for i, x in enumerate(layers)}}
-
-
 def vector_map(base: dict, tuned: dict[str, tuple[Tuned, lora.LoraConfig | None]], probe, tokenizer,
                model_cfg: ModelConfig) -> dict:
     """The map's numbers (minilm.analysis.vector_map.build) for the fine-tunes in `tuned` {name: (run, its
     LoraConfig or None)}, each kept with `snapshot_every`: base and every kept step, every level."""
     from minilm.analysis import vector_map as vmap
+    from minilm.analysis.compare import vectors_at_levels
     states = {name: {step: vectors_at_levels(p, probe, tokenizer, model_cfg)
                      for step, p in snapshot_params(t, cfg).items() if step > 0}
               for name, (t, cfg) in tuned.items()}

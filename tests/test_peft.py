@@ -193,3 +193,28 @@ def test_compare_reads_a_hugging_face_folder_and_a_peft_folder_directly(tmp_path
     for ours, theirs in (("ours", "my-lora"), ("full", "full")):
         assert json.dumps(again["weights"][ours], sort_keys=True) == json.dumps(metrics["weights"][theirs],
                                                                                  sort_keys=True)
+
+
+def test_compares_report_leads_with_the_map_of_the_words_moving(tmp_path):
+    """The map in compare's report: base at step 0, each tuned model at step 1, the words that occur in the probe
+    text; its base coordinates are the same for every variant, and a tuned model equal to the base does not move."""
+    from minilm.cli import main
+    from minilm.report_map import read_data
+
+    folder, base_dir, _ = peft_folder(tmp_path, "my-lora")
+    assert main(["compare", str(base_dir), str(folder), str(base_dir), "--out", str(tmp_path / "report"),
+                 "--words", "court,judge,case,painting,nowhere", "--probe",
+                 "The court heard the case of the stolen painting; the judge spoke"]) == 0
+    page = (tmp_path / "report" / "report.html").read_text()
+    data = read_data(page)
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert data == json.loads(json.dumps(metrics["map"]))  # the page draws what metrics.json holds
+    assert data["variants"] == ["my-lora", "base'"] and data["steps"] == [0, 1]
+    # words read in the probe's windows only (context 13 here): "nowhere" never occurs, so it is not placed
+    assert "nowhere" not in data["words"] and len(data["words"]) >= 2
+    assert set(data["words"]) <= {"court", "judge", "case", "painting"}
+    for level in data["levels"]:
+        same = np.asarray(data["xy"][level]["base'"])  # (steps, M, 2): the base itself does not move
+        np.testing.assert_allclose(same[1], same[0], atol=1e-5)
+        moved = np.asarray(data["xy"][level]["my-lora"])
+        np.testing.assert_array_equal(moved[0], same[0])

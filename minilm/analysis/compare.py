@@ -184,6 +184,16 @@ def static_vectors(table, ids: list) -> np.ndarray:
                     ).reshape(len(ids), table.shape[1])
 
 
+def vectors_at_levels(params, probe: Probe, tokenizer: Tokenizer, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """{"static": (M, D), "layer 0": (M, D), ...}: the probe words' static vectors and their contextual vectors
+    (averaged over occurrences in the probe's windows; NaN where a word does not occur) at every layer
+    boundary: the levels the vector map (analysis/vector_map.py) draws."""
+    ids = [tokenizer.word_ids(w) for w in probe.words]
+    states, _ = _hidden_states(params, probe.windows, cfg)  # (L + 1, B, T, D)
+    layers = word_vectors(states, probe.windows, ids)  # (L + 1, M, D)
+    return {"static": static_vectors(params["embed"]["tok"], ids), **{f"layer {i}": x for i, x in enumerate(layers)}}
+
+
 MAX_NEIGHBOUR_VOCAB = 4096  # beyond this, a (V, V) cosine matrix is too big (GPT-2's: 50257², 20 GB)
 
 

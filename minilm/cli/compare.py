@@ -159,10 +159,33 @@ def _probe(base, args, first: bool):
     return probe
 
 
+def vector_map(base, models, probe):
+    """The map of the words moving (minilm/report_map.py), for the first seed: base -> each tuned model in one
+    step (step 0 is the base, step 1 the tuned model), with the words that occur in the probe's text (a word
+    without a contextual vector cannot be placed); None if fewer than 2 do."""
+    import numpy as np
+
+    from minilm.analysis import vector_map as vmap
+    from minilm.analysis.compare import vectors_at_levels
+
+    states = {name: vectors_at_levels(params, probe, base.tokenizer, base.model_cfg)
+              for name, params in [("base", base.params), *((m.name, m.params) for m in models)]}
+    keep = [j for j in range(len(probe.words))
+            if all(np.isfinite(x[j]).all() for levels in states.values() for x in levels.values())]
+    if len(keep) < 2:
+        return None
+    words = [probe.words[j] for j in keep]
+    pick = {name: {level: x[keep] for level, x in levels.items()} for name, levels in states.items()}
+    groups = {g: [w for w in members if w in words] for g, members in probe.groups.items()}
+    within = lambda pairs: tuple(p for p in pairs if all(w in words for w in p))  # noqa: E731
+    return vmap.build(words, {g: m for g, m in groups.items() if m}, within(probe.pairs), within(probe.controls),
+                      pick.pop("base"), {name: {1: levels} for name, levels in pick.items()})
+
+
 def run(args) -> int:
     from tqdm import tqdm
 
-    from minilm import folders, report
+    from minilm import folders, report, report_map
     from minilm.analysis.compare import Model, compare, over_seeds, summarise
 
     if args.top_k < 1:
@@ -193,8 +216,14 @@ def run(args) -> int:
         result["seeds"] = {"runs": [{"base": str(g[0]), "tuned": [str(p) for p in g[1:]],
                                      "base_seed": base.train_cfg.seed} for g, base in zip(groups, bases)],
                            **over_seeds(results)}
+        bar.set_postfix_str("map")
+        result["map"] = vector_map(bases[0], tuned[0], probes[0])
+        lead = [] if result["map"] is None else [
+            (f"The word vectors moving{' (the first seed)' if len(groups) > 1 else ''}: step 0 is the base, step 1 "
+             f"the tuned model, level by level", report_map.map_block(result["map"])),
+            (None, ("map", report_map.fig_map(result["map"])))]
         bar.set_postfix_str("report")
-        page = report.write(out, result, title=f"What changed: {bases[0].path.parent.name} -> "
+        page = report.write(out, result, lead=lead, title=f"What changed: {bases[0].path.parent.name} -> "
                                                 f"{', '.join(result['models'])}"
                                                 + (f", {len(groups)} seeds" if len(groups) > 1 else ""))
         bar.update(bar.total - bar.n)
