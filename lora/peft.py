@@ -40,6 +40,7 @@ from safetensors.numpy import load_file, save_file
 from lora.attach import attach
 from lora.config import LoraConfig
 from lora.stack import fill_shared_a, levels, lora_weights
+from lora.targets import pattern_value
 from lora.train import split
 from minilm.checkpoint import check_finite, staging_dir, swap_in
 from minilm.errors import MinilmError
@@ -68,6 +69,12 @@ class PeftAdapter:
 
     config: dict
     modules: dict  # {"h.{i}.{module}": (lora_A (R, d_in), lora_B (d_out, R), alpha)}
+
+
+def not_fingerprinted(folder, base) -> str:
+    """What a user is told when a PEFT folder is read: it was checked by structure, not by fingerprint."""
+    return (f"{folder} is a PEFT folder: it carries no fingerprint of its base, so it was checked by structure "
+            f"only (names, shapes against {base}, finite values)")
 
 
 def is_peft_folder(folder) -> bool:
@@ -268,7 +275,6 @@ def from_minilm(params, cfg: LoraConfig, model_cfg) -> tuple[dict, dict[str, np.
 
 
 def _alpha(cfg: LoraConfig, site: str) -> float:
-    from lora.targets import pattern_value
     return pattern_value(cfg.alpha_pattern, site, cfg.alpha)
 
 

@@ -95,8 +95,7 @@ def load_tuned(path: Path, base, used: set, allow_other_base: bool = False):
         return Model(name, ckpt.params)
     if peft.is_peft_folder(adapter_dir):  # checked by structure: a PEFT folder has no fingerprint of its base
         params, _ = peft.to_minilm(peft.read_peft(adapter_dir), base.params)
-        warnings.warn(f"{adapter_dir} is a PEFT folder: it carries no fingerprint of its base, so it was checked by "
-                      f"structure only (names, shapes against the base, finite values)")
+        warnings.warn(peft.not_fingerprinted(adapter_dir, "the base"))
     else:
         params, _ = lora.load_adapter(adapter_dir, base.params, base.model_cfg, tokenizer=base.tokenizer,
                                       allow_other_base=allow_other_base)

@@ -54,8 +54,7 @@ def run_import(args) -> int:
                                inputs=[args.peft_dir, args.base, base.path])
     params, cfg = peft.to_minilm(peft.read_peft(args.peft_dir), base.params)  # checked before anything is written
     lora.save_adapter(out, params, cfg, base.model_cfg, tokenizer=base.tokenizer)
-    warnings.warn(f"{args.peft_dir} is a PEFT folder: it carries no fingerprint of its base, so it was checked by "
-                  f"structure only (names, shapes against {args.base}, finite values)")
+    warnings.warn(peft.not_fingerprinted(args.peft_dir, args.base))
     print(f"imported {args.peft_dir} (rank {cfg.rank}, alpha {cfg.alpha:g}, targets {', '.join(cfg.targets)}) "
           f"-> {out}\n  compare with minilm compare {args.base} {out} --out REPORT")
     return 0
