@@ -109,9 +109,11 @@ def test_two_processes_train_like_one_device(tmp_path):
     outputs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
-    # process 1 prints nothing of its own (gloo's C++ layer logs its connections to stdout itself) ...
+    # process 1 prints none of what process 0 prints (gloo's C++ layer logs its connections to stdout itself, its
+    # threads' lines interleaved, so those are not matched line by line) ...
     assert "done: step 6" in outputs[0][0]
-    assert [line for line in outputs[1][0].splitlines() if not line.startswith("[Gloo]")] == []
+    own = [line.strip() for line in outputs[0][0].splitlines() if line.strip() and "connected" not in line]
+    assert own and not any(line in outputs[1][0] for line in own)
     assert "train:" not in outputs[1][1]                            # ... not even a progress bar
     assert main([*args, "--out", str(tmp_path / "one")]) == 0       # the same run on this process's one device
     two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
