@@ -50,8 +50,8 @@ def mixed_precision(loss, dtype: str):
     The cast happens inside the differentiated function, so gradients come back through it in float32
     and the optimizer keeps float32 weights and state (Micikevicius et al. 2018, "Mixed Precision
     Training"; bfloat16 has float32's range, so no loss scaling is needed). Embeddings, biases and
-    LayerNorms stay float32, and so do the residual stream, attention (products and softmax) and the
-    loss. This is the one place weights are cast, once per step; the products that then take bfloat16
+    LayerNorms stay float32, and so do the residual stream, the softmax and the loss; attention's
+    products follow the weights' format (model.attention_layer). This is the one place weights are cast, once per step; the products that then take bfloat16
     operands, forward and backward, are minilm/precision.py's.
     """
     if dtype == "float32":
