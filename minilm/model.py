@@ -88,7 +88,7 @@ def linear(x: jax.Array, p: dict) -> jax.Array:
 
     A weight that is not an array (a LoRA weight, lora/weight.py) computes its own `x @ W`."""
     w = p["w"]
-    return (mixed_precision_matmul(x, w) if isinstance(w, jax.Array) else x @ w) + p["b"]
+    return mixed_precision_matmul(x, w, p["b"]) if isinstance(w, jax.Array) else x @ w + p["b"]
 
 
 def layer_norm(x: jax.Array, p: dict, eps: float = 1e-5) -> jax.Array:

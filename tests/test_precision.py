@@ -56,6 +56,22 @@ def test_products_and_gradients_are_bfloat16_operands_with_float32_accumulation(
     assert np.max(np.abs(np.asarray(dx) - dy @ mT(w))) > 1e-3
 
 
+def test_a_bias_is_added_in_float32_and_its_gradient_summed_from_the_rounded_dy():
+    """With a bias (a linear layer), the product is as above plus b in float32, and b's gradient is the
+    sum over rows of dy rounded to bfloat16 (the same rounded dy the products use), accumulated in
+    float32: within 1e-5 of the float64 reference; the control, float32 dy's sum, is off by more."""
+    rng = np.random.default_rng(1)
+    x, w = rng.normal(size=(24, 40)).astype(np.float32), rng.normal(size=(40, 56)).astype(np.float32)
+    b, dy = rng.normal(size=56).astype(np.float32), rng.normal(size=(24, 56)).astype(np.float32)
+    y, vjp = jax.vjp(lambda x, w, b: mixed_precision_matmul(x, w.astype(jnp.bfloat16), b), x, w, b)
+    dx, dw, db = vjp(jnp.asarray(dy))
+    assert y.dtype == dx.dtype == dw.dtype == db.dtype == jnp.float32
+    np.testing.assert_allclose(y, bf16(x) @ bf16(w) + b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, bf16(dy) @ bf16(w).T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(db, bf16(dy).sum(0), rtol=1e-5, atol=1e-5)
+    assert np.max(np.abs(np.asarray(db) - dy.astype(np.float64).sum(0))) > 1e-3
+
+
 def test_transposed_is_the_transpose():
     y = jnp.arange(2 * 3 * 5, dtype=jnp.bfloat16).reshape(2, 3, 5)
     np.testing.assert_array_equal(jax.jit(transposed)(y), np.swapaxes(np.asarray(y), -1, -2))
