@@ -51,14 +51,15 @@ def load_dataset(cfg: DataConfig, *, seed: int, tokenizer: Tokenizer | None = No
     return Dataset(ids[: len(ids) - n_val], ids[len(ids) - n_val:], tokenizer, corpus)
 
 
-def check_fits(data: Dataset, context: int, source: str) -> None:
-    """Both parts must hold at least one window of context + 1 tokens."""
+def check_fits(data: Dataset, context: int, source: str, val_fraction: float) -> None:
+    """Both parts must hold at least one window of context + 1 tokens (val_fraction: the split's, to name)."""
     for part, ids in (("training", data.train), ("held-out", data.val)):
         if len(ids) < context + 1:
             longer = "a larger --corpus-size" if data.corpus is not None else "a longer text"
+            fraction = f"a {'larger' if part == 'held-out' else 'smaller'} --val-fraction than {val_fraction}"
             raise MinilmError(
                 f"{source}: its {part} part has {len(ids)} tokens, shorter than one context window "
-                f"({context} + 1); use {longer} or a smaller --context"
+                f"({context} + 1); use {longer}, {fraction} or a smaller --context"
             )
 
 

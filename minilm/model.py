@@ -215,8 +215,8 @@ def forward(params: dict, tokens: jax.Array, cfg: ModelConfig, *, trace: bool = 
 
     The trace holds, per layer, the residual stream before the block, after attention and after the
     MLP (each (L, B, T, D)), the attention probabilities (L, B, H, T, T), the MLP's hidden activations
-    (L, B, T, F; F = 0 for an attention-only model), and the final LayerNorm output (B, T, D). Under jit, an unused trace costs nothing:
-    XLA removes what no output needs.
+    (L, B, T, F; F = 0 for an attention-only model), and the final LayerNorm output (B, T, D). Under
+    jit, an unused trace costs nothing: XLA removes what no output needs.
     """
     logits, layer_trace, _ = _decoder(params, tokens, cfg)
     return (logits, layer_trace) if trace else logits

@@ -180,7 +180,7 @@ def test_batches_are_windows_of_the_text():
 
 def test_text_shorter_than_a_context_window_is_refused(arithmetic_data):
     with pytest.raises(MinilmError, match=r"shorter than one context window \(4096 \+ 1\)"):
-        check_fits(arithmetic_data, 4096, "corpus 'arithmetic'")
+        check_fits(arithmetic_data, 4096, "corpus 'arithmetic'", 0.1)
 
 
 @pytest.mark.parametrize("kwargs, words", [

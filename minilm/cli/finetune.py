@@ -86,7 +86,7 @@ def run(args) -> int:
     if args.snapshot_every and writer:  # --overwrite replaces only snapshots minilm wrote, never a stranger's folder
         folders.check_output(snapshots, "snapshots", overwrite=args.overwrite, inputs=inputs)
     data = load_dataset(data_cfg, seed=train_cfg.seed, tokenizer=base.tokenizer)
-    check_fits(data, base.model_cfg.context, data_cfg.text or f"corpus {data_cfg.corpus!r}")
+    check_fits(data, base.model_cfg.context, data_cfg.text or f"corpus {data_cfg.corpus!r}", data_cfg.val_fraction)
     cost = (lora.lora_step_cost(base.model_cfg, train_cfg.batch_size, lora_cfg, train_cfg.grad_accum) if lora_cfg
             else step_cost(base.model_cfg, train_cfg.batch_size, None, train_cfg.grad_accum))
     check_memory(cost, "fine-tuning this model")

@@ -93,7 +93,7 @@ def run(args) -> int:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=data.tokenizer.size)
         check_size(model_cfg, train_cfg.batch_size, "this model")
         check_memory(step_cost(model_cfg, train_cfg.batch_size, None, train_cfg.grad_accum), "this model")
-    check_fits(data, model_cfg.context, data_cfg.text or f"corpus {data_cfg.corpus!r}")
+    check_fits(data, model_cfg.context, data_cfg.text or f"corpus {data_cfg.corpus!r}", data_cfg.val_fraction)
     layout = mesh_flags.layout(args, train_cfg.batch_size)
     if args.dry_run:  # every input is checked
         print(json.dumps({"out": str(out), "model": to_dict(model_cfg), "train": to_dict(train_cfg),
