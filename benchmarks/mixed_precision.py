@@ -16,7 +16,8 @@ For each mode (full fine-tuning; LoRA r8 all-linear with one A for q, k, v) and 
 A third case per mode, "bfloat16 autodiff", is the ablation of precision.py's speed trick: the products'
 gradients as JAX's autodiff gives them (dx = dy wᵀ, dw = xᵀ dy with float32 dy and transposed operands,
 which XLA runs as float32 work), as minilm computed them before; it is built by swapping
-`precision._low_precision_matmul` (and LoRA's row-major Wᵀ) for the plain product while the step is traced.
+`precision._low_precision_matmul` and `_low_precision_linear` (and LoRA's row-major Wᵀ) for the plain product
+while the step is traced.
 """
 
 from __future__ import annotations
@@ -104,9 +105,10 @@ def build(model_cfg, train_cfg, mode: str, dtype: str, adapter) -> bench.TrainSt
     """One compiled, warmed case; dtype "bfloat16 autodiff": the ablation (module docstring)."""
     ablate = dtype.endswith("autodiff")
     tcfg = dataclasses.replace(train_cfg, dtype=dtype.split()[0])
-    saved = precision._low_precision_matmul, lora.weight.row_major_transposed
+    saved = precision._low_precision_matmul, precision._low_precision_linear, lora.weight.row_major_transposed
     if ablate:
         precision._low_precision_matmul, lora.weight.row_major_transposed = autodiff_product, lambda y: y.T
+        precision._low_precision_linear = lambda x, w, b, x_dtype: autodiff_product(x, w, x_dtype) + b
     try:
         if mode == "full":  # a loss of its own, so that the ablated step is compiled apart from the real one
             trainable, frozen = partition(init(model_cfg, key=jax.random.key(0)), lambda name: True)
@@ -118,7 +120,7 @@ def build(model_cfg, train_cfg, mode: str, dtype: str, adapter) -> bench.TrainSt
                                   lora_cost.lora_step_cost(model_cfg, tcfg.batch_size, adapter, tcfg.grad_accum),
                                   adapter=lora_cost.describe(adapter))
     finally:
-        precision._low_precision_matmul, lora.weight.row_major_transposed = saved
+        precision._low_precision_matmul, precision._low_precision_linear, lora.weight.row_major_transposed = saved
 
 
 def _fresh(loss, ablate: bool):

@@ -33,15 +33,16 @@ import jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))  # mixed_precision.py, beside this file
 
-import lora  # noqa: E402
-import mixed_precision  # noqa: E402
-from minilm import allocator, machine  # noqa: E402
-from minilm.config import preset  # noqa: E402
+import mixed_precision
+
+import lora
+from minilm import allocator, machine
+from minilm.config import preset
 
 MOVING = {"parameter", "convert", "copy", "transpose", "bitcast", "reshape", "pad", "slice", "concatenate",
           "broadcast", "constant", "dynamic-slice", "dynamic-update-slice", "tuple", "get-tuple-element"}
-INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\][^ ]* ([\w\-]+)\((.*)$", re.M)
-COMPUTATION = re.compile(r"^%?([\w.\-]+) \([^\n]*\) -> [^\n]*\{\n(.*?)\n\}", re.M | re.S)
+INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\][^ ]* ([\w\-]+)\((.*)$", re.MULTILINE)
+COMPUTATION = re.compile(r"^%?([\w.\-]+) \([^\n]*\) -> [^\n]*\{\n(.*?)\n\}", re.MULTILINE | re.DOTALL)
 
 
 def kinds_of_operations(hlo: str) -> dict[str, str]:

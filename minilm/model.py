@@ -27,7 +27,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from minilm.attention import attend, attention_probs, causal_mask, causal_self_attention
+from minilm.attention import attend, attention_probs, causal_mask
 from minilm.config import ModelConfig
 from minilm.errors import MinilmError
 from minilm.precision import mixed_precision_attention, mixed_precision_matmul
@@ -112,9 +112,8 @@ def attention_layer(x, p, cfg: ModelConfig, batch: int, positions, cache=None):
 
     q, k, v = heads(linear(x, p["q"])), heads(linear(x, p["k"])), heads(linear(x, p["v"]))
     if cache is None:  # a whole sequence from position 0: the same maths as below, skipping the masked half
-        dtype = p["q"]["w"].dtype  # bfloat16 under mixed precision (train.mixed_precision; precision.py)
-        out, probs = (causal_self_attention(q, k, v) if jnp.finfo(dtype).bits >= 32 else
-                      mixed_precision_attention(q, k, v, dtype))
+        # attention.causal_self_attention; under mixed precision (bfloat16 weights) its products in bfloat16
+        out, probs = mixed_precision_attention(q, k, v, p["q"]["w"].dtype)
     else:
         start = (0, positions[0], 0, 0)
         cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k, start),  # (B, S, H, K)

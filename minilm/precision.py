@@ -30,7 +30,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from minilm.attention import QUERY_BLOCK, causal_mask
+from minilm.attention import QUERY_BLOCK, causal_mask, causal_self_attention
 
 
 def mixed_precision_matmul(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
@@ -87,8 +87,17 @@ def _low_precision_matmul_fwd(x, w, x_dtype):
 
 
 def _low_precision_matmul_bwd(x_dtype, residuals, dy):
+    return _rounded_dy_products(x_dtype, residuals, _rounded(dy, residuals[1].dtype))
+
+
+def _rounded(dy, dtype):
+    """dy in the weight's format, row-major: a no-op copy where dy already is, as a block product's is."""
+    return row_major(dy.astype(dtype))
+
+
+def _rounded_dy_products(x_dtype, residuals, dy):
+    """(dx, dw) from dy already rounded (`_rounded`)."""
     x_t, w = residuals
-    dy = row_major(dy.astype(w.dtype))  # a no-op where dy already is row-major, as a block product's is
     dx = jnp.matmul(dy, transposed(w), preferred_element_type=jnp.float32)  # (..., M, K)
     dw = jnp.matmul(x_t, dy, preferred_element_type=jnp.float32)            # (..., K, N)
     return dx.astype(x_dtype), dw.astype(w.dtype)
@@ -116,9 +125,8 @@ def _low_precision_linear_fwd(x, w, b, x_dtype):
 
 
 def _low_precision_linear_bwd(x_dtype, residuals, dy):
-    dy = row_major(dy.astype(residuals[1].dtype))  # rounded once, for the products and the bias
-    dx, dw = _low_precision_matmul_bwd(x_dtype, residuals, dy)
-    return dx, dw, dy.sum(0, dtype=jnp.float32)
+    dy = _rounded(dy, residuals[1].dtype)  # rounded once, for the products and the bias
+    return (*_rounded_dy_products(x_dtype, residuals, dy), dy.sum(0, dtype=jnp.float32))
 
 
 _low_precision_linear.defvjp(_low_precision_linear_fwd, _low_precision_linear_bwd)
@@ -128,7 +136,8 @@ _low_precision_linear.defvjp(_low_precision_linear_fwd, _low_precision_linear_bw
 
 def mixed_precision_attention(q: jax.Array, k: jax.Array, v: jax.Array, dtype, queries_per_block: int = QUERY_BLOCK):
     """attention.causal_self_attention with its four kinds of products in `dtype` (bfloat16), float32
-    accumulation: q, k, v (B, T, H, K) float32 -> out (B, T, H, K) float32, probs (B, H, T, T).
+    accumulation: q, k, v (B, T, H, K) float32 -> out (B, T, H, K) float32, probs (B, H, T, T). With a
+    float32 `dtype`, causal_self_attention itself, as `mixed_precision_matmul` is then plain x @ w.
 
     The same blocks of queries, each seeing only the keys up to its block's end, and the same softmax
     in float32; the probabilities are rounded to `dtype` once, for `probs v` and the backward pass.
@@ -139,6 +148,8 @@ def mixed_precision_attention(q: jax.Array, k: jax.Array, v: jax.Array, dtype, q
     step 0.91 of the time, LoRA 0.92. (Routed through `mixed_precision_matmul` as autodiff gives it,
     the products had transposed operands and the step was 5-10% slower, not faster.)
     """
+    if jnp.finfo(dtype).bits >= 32:
+        return causal_self_attention(q, k, v, queries_per_block)
     out, probs = _attention(q, k, v, dtype, queries_per_block)
     T = q.shape[1]
     probs = jnp.concatenate([jnp.pad(p.astype(jnp.float32), ((0, 0), (0, 0), (0, 0), (0, T - p.shape[-1])))
